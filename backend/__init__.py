@@ -1,0 +1,159 @@
+"""Device dispatch: turns tensors into kernel calls for the tensor's device and dtype.
+
+The table is small on purpose::
+
+    backend   runs on        dtypes              module
+    "numba"   CPU tensors    float32, float64    fusedlinear.backend.numba_cpu
+    "cupy"    CUDA tensors   float32, float64    fusedlinear.backend.cupy_cuda
+    "torch"   any device     any float dtype     fusedlinear.backend.reference  (plain PyTorch ops)
+
+By default a CPU tensor goes to ``"numba"``, a CUDA tensor to ``"cupy"``, anything else to
+``"torch"``. What no kernel covers (bfloat16/float16, another device) falls back to ``"torch"``
+with a one-time warning; empty tensors (a zero-sized dimension) always take ``"torch"``, which
+is exact and free there. ``use_backend(name)`` or the environment variable
+``FUSEDLINEAR_BACKEND`` force one backend; a forced backend that cannot run the tensor raises.
+
+Every backend implements the same two functions (shapes: X (M, K), W (N, K), b (N,))::
+
+    forward(x, w, b, activation, slope) -> (A (M, N), Z (M, N) or empty)
+    backward(dA, saved, x, w, activation, slope, mask) -> (dX (M, K), dW (N, K), db (N,))
+
+where ``saved`` is A, Z or empty as the activation table says, and a gradient whose ``mask``
+entry is False comes back empty and is not computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[torch.dtype, ...]]] = {
+    # name: (module, device types it runs on, dtypes it runs)
+    "numba": ("numba_cpu", ("cpu",), (torch.float32, torch.float64)),
+    "cupy": ("cupy_cuda", ("cuda",), (torch.float32, torch.float64)),
+    "torch": ("reference", (), ()),  # () = every device, every floating dtype
+}
+DEFAULT_FOR_DEVICE = {"cpu": "numba", "cuda": "cupy"}
+ENV_VAR = "FUSEDLINEAR_BACKEND"
+
+_forced: str | None = None
+_lock = threading.Lock()
+_warned: set[tuple] = set()
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} ({where}); valid backends are {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``name`` (``"numba"``, ``"cupy"`` or ``"torch"``) for every fused call in the block.
+
+    Process-wide (the autograd engine runs backward on its own threads, which must see the
+    same choice); blocks may nest. The forward and the backward of one call should run under
+    the same choice::
+
+        with fusedlinear.use_backend("torch"):
+            loss = model(x).sum()
+            loss.backward()
+    """
+    global _forced
+    _check_name(name, "use_backend")
+    with _lock:
+        previous, _forced = _forced, name
+    try:
+        yield name
+    finally:
+        with _lock:
+            _forced = previous
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``FUSEDLINEAR_BACKEND``, if any."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get(ENV_VAR)
+    return _check_name(env, f"environment variable {ENV_VAR}") if env else None
+
+
+def _runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    _, device_types, dtypes = BACKENDS[name]
+    return (not device_types or device.type in device_types) and (not dtypes or dtype in dtypes)
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name a call on (device, dtype) uses now."""
+    forced = forced_backend()
+    if forced is not None:
+        if not _runs(forced, device, dtype):
+            _, device_types, dtypes = BACKENDS[forced]
+            raise RuntimeError(
+                f"backend {forced!r} runs {'/'.join(device_types)} tensors of dtype "
+                f"{' or '.join(str(d) for d in dtypes)}, not a {device.type} tensor of {dtype}; "
+                f"use use_backend('torch') or move the tensors (e.g. .to('{device_types[0]}', {dtypes[0]}))"
+            )
+        return forced
+    name = DEFAULT_FOR_DEVICE.get(device.type, "torch")
+    if not _runs(name, device, dtype):
+        _warn_once(
+            ("dtype", device.type, dtype),
+            f"fusedlinear: no fused kernel for {dtype} on {device.type}; using plain PyTorch ops "
+            f"(backend 'torch') for these calls. Use float32 or float64 for the fused kernels.",
+        )
+        return "torch"
+    return name
+
+
+_modules: dict[str, ModuleType] = {}
+
+
+def implementation(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (imported on first use)."""
+    module = _modules.get(name)
+    if module is None:
+        module = importlib.import_module(f"{__name__}.{BACKENDS[_check_name(name, 'implementation')][0]}")
+        _modules[name] = module
+    return module
+
+
+def _for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
+    if x.numel() == 0 or w.numel() == 0:
+        return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
+    return implementation(select(x.device, x.dtype))
+
+
+def forward(x, w, b, activation: str, slope: float):
+    return _for_call(x, w).forward(x, w, b, activation, slope)
+
+
+def backward(grad, saved, x, w, activation: str, slope: float, mask):
+    return _for_call(x, w).backward(grad, saved, x, w, activation, slope, mask)
+
+
+def available() -> dict[str, str]:
+    """Each backend and whether it can run here (``"ok"`` or the reason it cannot)."""
+    report = {}
+    for name in BACKENDS:
+        try:
+            reason = getattr(implementation(name), "unavailable_reason", lambda: None)()
+        except Exception as exc:  # an import failure is a reason, not a crash of `info`
+            reason = f"{type(exc).__name__}: {exc}"
+        report[name] = reason or "ok"
+    return report
+
+
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "forward", "backward", "available"]

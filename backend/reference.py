@@ -1,0 +1,54 @@
+"""Backend "torch": plain PyTorch ops. The reference, and the fallback for what no kernel covers.
+
+Forward is PyTorch's own ``F.linear`` and activation; backward evaluates the activation
+table's derivative formula with torch ops (in float32 for half-precision inputs, as PyTorch's
+own activation backward kernels do), then the three matrix products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import activations as _acts
+
+FORWARD = {
+    "identity": lambda z, s: z,
+    "relu": lambda z, s: torch.relu(z),
+    "sigmoid": lambda z, s: torch.sigmoid(z),
+    "tanh": lambda z, s: torch.tanh(z),
+    "gelu": lambda z, s: F.gelu(z),
+    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, s: F.silu(z),
+    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
+}
+assert set(FORWARD) == set(_acts.NAMES), "backend 'torch' must cover the activation table"
+
+_NAMESPACE = {"exp": torch.exp, "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid, "where": torch.where}
+_BACKWARD = {name: compile(act.backward, f"<{name} backward>", "eval") for name, act in _acts.ACTIVATIONS.items()}
+
+
+def forward(x, w, b, activation, slope):
+    z = F.linear(x, w, b)
+    a = FORWARD[activation](z, slope)
+    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    return a, (z if keep_z else x.new_empty(0))
+
+
+def grad_z(grad, saved, activation, slope):
+    """dZ = dA ⊙ g'(saved), from the activation table's formula."""
+    act = _acts.ACTIVATIONS[activation]
+    compute = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+    env = {"da": grad.to(compute), "s": slope}
+    if _acts.saved_name(act):
+        env[_acts.saved_name(act)] = saved.to(compute)
+    dz = eval(_BACKWARD[activation], dict(_NAMESPACE), env)
+    return dz.to(grad.dtype)
+
+
+def backward(grad, saved, x, w, activation, slope, mask):
+    dz = grad_z(grad, saved, activation, slope)
+    dx = dz @ w if mask[0] else x.new_empty(0)
+    dw = dz.t() @ x if mask[1] else x.new_empty(0)
+    db = dz.sum(0) if mask[2] else x.new_empty(0)
+    return dx, dw, db

@@ -1,0 +1,98 @@
+"""The activation table: the one place where each g and its derivative is written.
+
+A layer computes ``Z = X Wᵀ + b`` and ``A = g(Z)``; backward, given ``dA``, needs
+``dZ = dA ⊙ g'(·)``. Each formula below is a small expression in a subset that is valid
+Python *and* valid C++ (after literals become ``T(...)``), so the Numba kernels
+(:mod:`fusedlinear.kernels.cpu`), the CUDA kernels (:mod:`fusedlinear.kernels.cuda`) and the
+plain-PyTorch backend all evaluate the very same text:
+
+* names: ``z`` (pre-activation), ``a`` (the output ``g(z)``), ``da`` (incoming gradient),
+  ``s`` (the leaky-ReLU negative slope);
+* functions: ``exp``, ``tanh``, ``erf``, ``sigmoid(x)``, ``where(cond, x, y)`` (a select, not a
+  branch: both sides are finite wherever the result is used).
+
+``saves`` says what backward needs from forward: ``"a"`` (the output, free: autograd keeps
+it anyway), ``"z"`` (one extra (B, N) tensor) or ``"none"``. ReLU, sigmoid and tanh get g'
+from A alone (A>0, A(1-A), 1-A²). Leaky ReLU saves Z because with a negative slope the sign
+of A no longer tells the sign of Z.
+
+The backward formulas are written as ``dz = ...`` with selects (not ``da * g'``) where PyTorch
+selects, so that an infinite ``da`` where g' = 0 gives 0 like PyTorch and not inf*0 = NaN.
+Stability at |z| = 1e4: ``exp(-z)`` may overflow to inf, and every formula then divides by it
+or multiplies it by 0-free terms, giving the finite limit (``1/(1+inf) = 0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    forward: str  # a = g(z)
+    backward: str  # dz = dA ⊙ g'(...), in terms of da and the saved tensor
+    saves: str  # "a", "z" or "none"
+
+
+# 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2*pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654
+# (the constants of PyTorch's GeluKernel; gelu_tanh's derivative is PyTorch's, term by term).
+_TABLE = (
+    Activation("identity", "z", "da", "none"),
+    Activation("relu", "where(z <= 0.0, 0.0, z)", "where(a <= 0.0, 0.0, da)", "a"),
+    Activation("sigmoid", "sigmoid(z)", "da * (1.0 - a) * a", "a"),
+    Activation("tanh", "tanh(z)", "da * (1.0 - a * a)", "a"),
+    Activation(
+        "gelu",
+        "0.5 * z * (1.0 + erf(z * 0.7071067811865476))",
+        "da * (0.5 * (1.0 + erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * exp(-0.5 * z * z))",
+        "z",
+    ),
+    Activation(
+        "gelu_tanh",
+        "0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))",
+        "da * (0.5 * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))"
+        " + 0.5 * z * (1.0 - tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))"
+        " * tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))"
+        " * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))",
+        "z",
+    ),
+    Activation("silu", "z * sigmoid(z)", "da * sigmoid(z) * (1.0 + z * (1.0 - sigmoid(z)))", "z"),
+    Activation("leaky_relu", "where(z > 0.0, z, z * s)", "where(z > 0.0, da, da * s)", "z"),
+)
+
+ACTIVATIONS: dict[str, Activation] = {act.name: act for act in _TABLE}
+# Kernels receive the activation as a small integer: its position in the table.
+ACTIVATION_IDS: dict[str, int] = {act.name: i for i, act in enumerate(_TABLE)}
+NAMES: tuple[str, ...] = tuple(ACTIVATIONS)
+
+
+def check_activation(name: str) -> Activation:
+    """The table entry for ``name``; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown activation {name!r}; valid activations are {', '.join(NAMES)}"
+        ) from None
+
+
+def saved_name(act: Activation) -> str:
+    """The variable the backward formula reads besides ``da``: ``"a"``, ``"z"`` or ``""``."""
+    return "" if act.saves == "none" else act.saves
+
+
+def table_digest() -> str:
+    """A hash of every formula: compiled kernels are valid only for the table they were built from."""
+    text = "\n".join(f"{a.name}|{a.forward}|{a.backward}|{a.saves}" for a in _TABLE)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_FLOAT_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?)")
+
+
+def to_cpp(expr: str) -> str:
+    """The C++ form of a table expression: float literals become ``T(...)`` so float kernels stay in float."""
+    return _FLOAT_LITERAL.sub(r"T(\1)", expr)

@@ -1,0 +1,30 @@
+"""fusedlinear: fused Linear + activation layers for PyTorch.
+
+Numba kernels on the CPU, CuPy raw-CUDA kernels on NVIDIA GPUs, plain PyTorch as the reference;
+nothing to compile at install. See README.md.
+"""
+
+from .backend import available as available_backends
+from .backend import use_backend
+from .kernels import NAMES as ACTIVATIONS
+from .torch_ext import (
+    FusedLinear,
+    FusedLinearFunction,
+    FusedLinearGELU,
+    FusedLinearLeakyReLU,
+    FusedLinearReLU,
+    FusedLinearSigmoid,
+    FusedLinearSiLU,
+    FusedLinearTanh,
+    fuse,
+    fused_linear,
+    unfuse,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "FusedLinear", "FusedLinearFunction", "FusedLinearGELU", "FusedLinearLeakyReLU",
+    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "available_backends",
+    "fuse", "fused_linear", "unfuse", "use_backend", "__version__",
+]

@@ -1,0 +1,262 @@
+"""Drop-in modules (``FusedLinear`` and one subclass per activation) and ``fuse``/``unfuse``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..kernels import activations as _acts
+from .ops import fused_linear
+
+
+class FusedLinear(nn.Module):
+    r"""Applies a linear transformation followed by an activation, fused:
+    :math:`y = g(xA^T + b)`.
+
+    Parameters, their initialisation and ``state_dict`` keys (``weight``, ``bias``) are those of
+    :class:`torch.nn.Linear`, so checkpoints move between the two with ``strict=True``.
+
+    Args:
+        in_features: size of each input sample
+        out_features: size of each output sample
+        bias: If set to ``False``, the layer will not learn an additive bias. Default: ``True``
+        activation: ``g``, one of ``identity, relu, sigmoid, tanh, gelu, gelu_tanh, silu,
+            leaky_relu``. Default: ``"relu"``
+        negative_slope: slope of ``leaky_relu`` for negative inputs. Default: ``0.01``
+
+    Shape:
+        - Input: :math:`(*, H_{in})` where :math:`*` means any number of dimensions including
+          none and :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})` where all but the last dimension are the same shape as
+          the input and :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        weight: the learnable weights of the module of shape
+            :math:`(\text{out\_features}, \text{in\_features})`, initialised from
+            :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`, where :math:`k = \frac{1}{\text{in\_features}}`
+        bias: the learnable bias of the module of shape :math:`(\text{out\_features})`, initialised
+            from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})` if :attr:`bias` is ``True``
+
+    Examples::
+
+        >>> m = fusedlinear.FusedLinear(20, 30, activation="gelu")
+        >>> input = torch.randn(128, 20)
+        >>> output = m(input)
+        >>> print(output.size())
+        torch.Size([128, 30])
+    """
+
+    __constants__ = ["in_features", "out_features", "activation", "negative_slope"]
+
+    def __init__(self, in_features, out_features, bias=True, activation="relu", *, negative_slope=0.01,
+                 device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        _acts.check_activation(activation)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Exactly nn.Linear's initialisation (kaiming_uniform_ with a=sqrt(5), see its comments).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return fused_linear(input, self.weight, self.bias, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation}{slope}")
+
+    # What a subclass fixes: the activation, or how its own arguments choose one.
+    @classmethod
+    def _activation_kwargs(cls, activation="relu", negative_slope=0.01):
+        return {"activation": activation, "negative_slope": negative_slope}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A new fused layer with a copy of ``linear``'s weight and bias (same device and dtype).
+
+        ``kwargs`` are the activation arguments of ``cls``: ``activation``/``negative_slope`` for
+        ``FusedLinear``, ``approximate`` for ``FusedLinearGELU``, ``negative_slope`` for
+        ``FusedLinearLeakyReLU``, none for the others.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
+                           device="meta", dtype=linear.weight.dtype, **kwargs)
+        layer.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    @classmethod
+    def _build(cls, in_features, out_features, bias, device=None, dtype=None, **kwargs):
+        return cls(in_features, out_features, bias, device=device, dtype=dtype, **kwargs)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters (the activation is dropped)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def activation_module(self) -> nn.Module:
+        """The plain PyTorch module for this layer's activation."""
+        return {
+            "identity": lambda: nn.Identity(),
+            "relu": lambda: nn.ReLU(),
+            "sigmoid": lambda: nn.Sigmoid(),
+            "tanh": lambda: nn.Tanh(),
+            "gelu": lambda: nn.GELU(),
+            "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+            "silu": lambda: nn.SiLU(),
+            "leaky_relu": lambda: nn.LeakyReLU(self.negative_slope),
+        }[self.activation]()
+
+
+def _fixed(name: str, activation: str, doc: str):
+    """A subclass of FusedLinear with the activation fixed."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        FusedLinear.__init__(self, in_features, out_features, bias, activation, device=device, dtype=dtype)
+
+    def _build(cls, in_features, out_features, bias, device=None, dtype=None):
+        return cls(in_features, out_features, bias, device=device, dtype=dtype)
+
+    return type(name, (FusedLinear,), {
+        "__init__": __init__, "_build": classmethod(_build),
+        "__doc__": f"{doc}, fused: :math:`y = g(xA^T + b)`. Arguments, shapes and attributes as "
+                   f":class:`FusedLinear` with ``activation=\"{activation}\"``.",
+        "__module__": __name__,
+    })
+
+
+FusedLinearReLU = _fixed("FusedLinearReLU", "relu", "``nn.Linear`` followed by ``nn.ReLU``")
+FusedLinearSigmoid = _fixed("FusedLinearSigmoid", "sigmoid", "``nn.Linear`` followed by ``nn.Sigmoid``")
+FusedLinearTanh = _fixed("FusedLinearTanh", "tanh", "``nn.Linear`` followed by ``nn.Tanh``")
+FusedLinearSiLU = _fixed("FusedLinearSiLU", "silu", "``nn.Linear`` followed by ``nn.SiLU``")
+
+
+class FusedLinearGELU(FusedLinear):
+    """``nn.Linear`` followed by ``nn.GELU(approximate)``, fused. ``approximate``: ``"none"``
+    (exact erf form) or ``"tanh"``; otherwise as :class:`FusedLinear`."""
+
+    def __init__(self, in_features, out_features, bias=True, approximate="none", device=None, dtype=None):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        super().__init__(in_features, out_features, bias, "gelu" if approximate == "none" else "gelu_tanh",
+                         device=device, dtype=dtype)
+        self.approximate = approximate
+
+    @classmethod
+    def _build(cls, in_features, out_features, bias, device=None, dtype=None, approximate="none"):
+        return cls(in_features, out_features, bias, approximate, device=device, dtype=dtype)
+
+
+class FusedLinearLeakyReLU(FusedLinear):
+    """``nn.Linear`` followed by ``nn.LeakyReLU(negative_slope)``, fused; otherwise as :class:`FusedLinear`."""
+
+    def __init__(self, in_features, out_features, bias=True, negative_slope=0.01, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, "leaky_relu", negative_slope=negative_slope,
+                         device=device, dtype=dtype)
+
+    @classmethod
+    def _build(cls, in_features, out_features, bias, device=None, dtype=None, negative_slope=0.01):
+        return cls(in_features, out_features, bias, negative_slope, device=device, dtype=dtype)
+
+
+def _fused_for(linear: nn.Linear, act: nn.Module) -> FusedLinear | None:
+    """The fused layer replacing ``linear`` followed by ``act`` (sharing its parameters), or None."""
+    if isinstance(act, nn.ReLU):
+        cls, kwargs = FusedLinearReLU, {}
+    elif isinstance(act, nn.Sigmoid):
+        cls, kwargs = FusedLinearSigmoid, {}
+    elif isinstance(act, nn.Tanh):
+        cls, kwargs = FusedLinearTanh, {}
+    elif isinstance(act, nn.SiLU):
+        cls, kwargs = FusedLinearSiLU, {}
+    elif isinstance(act, nn.GELU):
+        cls, kwargs = FusedLinearGELU, {"approximate": act.approximate}
+    elif isinstance(act, nn.LeakyReLU):
+        cls, kwargs = FusedLinearLeakyReLU, {"negative_slope": act.negative_slope}
+    else:
+        return None
+    layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
+                       device="meta", dtype=linear.weight.dtype, **kwargs)
+    layer.weight, layer.bias = linear.weight, linear.bias  # shared: optimizers keep working
+    layer.train(linear.training)
+    return layer
+
+
+def _sequentials(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.Sequential)]
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace, in every ``nn.Sequential`` of ``model`` (nested ones included), each ``nn.Linear``
+    directly followed by ``nn.ReLU/Sigmoid/Tanh/GELU/SiLU/LeakyReLU`` with the matching fused layer,
+    and the activation with ``nn.Identity``. State-dict keys are unchanged, so checkpoints load
+    both ways with ``strict=True``. Returns a deep copy unless ``inplace=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    for seq in _sequentials(model):
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            linear, act = seq._modules[first], seq._modules[second]
+            if type(linear) is nn.Linear:
+                fused = _fused_for(linear, act)
+                if fused is not None:
+                    seq._modules[first] = fused
+                    seq._modules[second] = nn.Identity()
+    return model
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`fuse`: each fused layer in an ``nn.Sequential`` becomes ``nn.Linear``
+    (sharing its parameters) and the ``nn.Identity`` after it the activation module. Returns a
+    deep copy unless ``inplace=True``. Raises ``ValueError`` (before changing anything) for a
+    fused layer that has no ``nn.Identity`` after it to take the activation back."""
+    plan = []
+    for seq in _sequentials(model):
+        names = list(seq._modules)
+        for i, name in enumerate(names):
+            layer = seq._modules[name]
+            if not isinstance(layer, FusedLinear):
+                continue
+            after = names[i + 1] if i + 1 < len(names) else None
+            if layer.activation != "identity" and (after is None or type(seq._modules[after]) is not nn.Identity):
+                raise ValueError(
+                    f"unfuse: the fused layer {name!r} ({layer.activation}) has no nn.Identity after it to "
+                    f"hold its activation, so state_dict keys would change; replace it by hand"
+                )
+            plan.append((seq, name, after))
+    inside = {id(seq._modules[name]) for seq, name, _ in plan}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear) and id(module) not in inside:
+            raise ValueError(f"unfuse: fused layer {name!r} is not inside an nn.Sequential; replace it by hand")
+    if not inplace:
+        return unfuse(copy.deepcopy(model), inplace=True)
+    for seq, name, after in plan:
+        layer = seq._modules[name]
+        seq._modules[name] = layer.to_linear()
+        if layer.activation != "identity":
+            seq._modules[after] = layer.activation_module()
+    return model

@@ -1,0 +1,167 @@
+"""The autograd layer: ``fused_linear`` and the ``torch.library`` ops it calls.
+
+Two ops in namespace ``fusedlinear``, each with a fake (meta) implementation so that
+``torch.compile(fullgraph=True)`` traces them without a graph break::
+
+    fusedlinear::linear_act(input (M,K), weight (N,K), bias (N,)?, activation, negative_slope)
+        -> (A (M,N), Z (M,N) or (0,))
+    fusedlinear::linear_act_backward(grad (M,N), saved, input, weight, activation,
+        negative_slope, output_mask[3]) -> (dX (M,K), dW (N,K), db (N,)) (empty where masked)
+
+They are defined with ``torch.library.Library`` (lighter per call than ``custom_op``) and
+call :mod:`fusedlinear.backend`, which picks the kernels. ``FusedLinearFunction`` glues them
+to autograd: it saves what the activation table says backward needs, and asks backward only
+for the gradients autograd needs.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import backend
+from ..kernels import activations as _acts
+
+_lib = torch.library.Library("fusedlinear", "DEF")
+_lib.define(
+    "linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope)"
+    " -> (Tensor, Tensor)"
+)
+_lib.define(
+    "linear_act_backward(Tensor grad, Tensor saved, Tensor input, Tensor weight, str activation,"
+    " float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _linear_act(input, weight, bias, activation, negative_slope):
+    return backend.forward(input, weight, bias, activation, negative_slope)
+
+
+def _linear_act_backward(grad, saved, input, weight, activation, negative_slope, output_mask):
+    return backend.backward(grad, saved, input, weight, activation, negative_slope, output_mask)
+
+
+_lib.impl("linear_act", _linear_act, "CompositeExplicitAutograd")
+_lib.impl("linear_act_backward", _linear_act_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fusedlinear::linear_act", lib=_lib)
+def _linear_act_fake(input, weight, bias, activation, negative_slope):
+    shape = (input.shape[0], weight.shape[0])
+    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    return input.new_empty(shape), input.new_empty(shape if keep_z else (0,))
+
+
+@torch.library.register_fake("fusedlinear::linear_act_backward", lib=_lib)
+def _linear_act_backward_fake(grad, saved, input, weight, activation, negative_slope, output_mask):
+    return (
+        input.new_empty(input.shape if output_mask[0] else (0,)),
+        input.new_empty(weight.shape if output_mask[1] else (0,)),
+        input.new_empty((weight.shape[0],) if output_mask[2] else (0,)),
+    )
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """A = g(X Wᵀ + b) for a 2-D X; returns (A, Z-or-empty). Use :func:`fused_linear`."""
+
+    @staticmethod
+    def forward(input, weight, bias, activation, negative_slope):
+        return torch.ops.fusedlinear.linear_act(input, weight, bias, activation, negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, activation, negative_slope = inputs
+        a, z = output
+        saves = _acts.ACTIVATIONS[activation].saves
+        ctx.save_for_backward(input, weight, a if saves == "a" else z)
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.mark_non_differentiable(z)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_z):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
+                "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
+            )
+        input, weight, saved = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        if grad_a is None:
+            return None, None, None, None, None
+        dx, dw, db = torch.ops.fusedlinear.linear_act_backward(
+            grad_a, saved, input, weight, ctx.activation, ctx.negative_slope, mask
+        )
+        return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
+
+
+def _name(t) -> str:
+    return f"{type(t).__name__}" if not isinstance(t, torch.Tensor) else f"Tensor{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check(input, weight, bias, activation, negative_slope) -> None:
+    """Validation at the public entry point; the messages name the bad value and the fix."""
+    for label, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_linear: {label} must be a torch.Tensor, got {_name(t)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"fused_linear: bias must be a torch.Tensor or None, got {_name(bias)}")
+    for label, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and (not t.is_floating_point() or t.is_complex()):
+            raise TypeError(
+                f"fused_linear: {label} has dtype {t.dtype}; a real floating dtype is needed "
+                f"(convert with {label}.float() or {label}.double())"
+            )
+    for label, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(
+                f"fused_linear: input is {input.dtype} but {label} is {t.dtype}; "
+                f"cast one to match (e.g. input.to({label}.dtype) or model.to({input.dtype}))"
+            )
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"fused_linear: input is on {input.device} but {label} is on {t.device}; "
+                f"move them to one device (e.g. input.to({label}.device))"
+            )
+    if weight.dim() != 2:
+        raise ValueError(f"fused_linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.dim() == 0:
+        raise ValueError("fused_linear: input must have at least 1 dimension (*, in_features), got a 0-d tensor")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear: input's last dimension is {input.shape[-1]} (input shape {tuple(input.shape)}) but "
+            f"weight {tuple(weight.shape)} expects in_features={weight.shape[1]}; reshape the input or "
+            f"build the layer with in_features={input.shape[-1]}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"fused_linear: bias must have shape ({weight.shape[0]},) = (out_features,), got {tuple(bias.shape)}"
+        )
+    _acts.check_activation(activation)
+    if not isinstance(negative_slope, numbers.Real) or isinstance(negative_slope, bool):
+        raise TypeError(f"fused_linear: negative_slope must be a real number, got {negative_slope!r}")
+
+
+def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.01):
+    r"""Applies ``activation(input @ weight.T + bias)`` in one fused kernel (forward and backward).
+
+    Same arguments, in the same order, as :func:`torch.nn.functional.linear`, plus the activation.
+
+    Args:
+        input: ``(*, in_features)``, any number of leading dimensions (none included).
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or ``None``.
+        activation: one of ``identity, relu, sigmoid, tanh, gelu, gelu_tanh, silu, leaky_relu``.
+        negative_slope: the slope of ``leaky_relu`` for negative inputs (ignored otherwise).
+
+    Returns:
+        ``(*, out_features)``, equal to ``act(F.linear(input, weight, bias))``, with gradients
+        equal to autograd's for every input that requires them.
+    """
+    _check(input, weight, bias, activation, negative_slope)
+    lead = input.shape[:-1]
+    a, _ = FusedLinearFunction.apply(
+        input.reshape(-1, weight.shape[1]), weight, bias, activation, float(negative_slope)
+    )
+    return a.reshape(*lead, weight.shape[0])
