@@ -162,6 +162,6 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     _check(input, weight, bias, activation, negative_slope)
     lead = input.shape[:-1]
     a, _ = FusedLinearFunction.apply(
-        input.reshape(-1, weight.shape[1]), weight, bias, activation, float(negative_slope)
+        input.reshape(lead.numel(), weight.shape[1]), weight, bias, activation, float(negative_slope)
     )
     return a.reshape(*lead, weight.shape[0])

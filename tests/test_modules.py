@@ -1,0 +1,118 @@
+"""Modules, fuse/unfuse and checkpoints in both directions."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedlinear
+from fusedlinear import (
+    FusedLinear, FusedLinearGELU, FusedLinearLeakyReLU, FusedLinearReLU, FusedLinearSigmoid, FusedLinearSiLU,
+    FusedLinearTanh,
+)
+
+
+def mnist_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def test_same_initialisation_and_keys_as_linear():
+    torch.manual_seed(1)
+    ref = nn.Linear(30, 20)
+    torch.manual_seed(1)
+    fused = FusedLinearReLU(30, 20)
+    assert list(fused.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    assert torch.equal(fused.weight, ref.weight) and torch.equal(fused.bias, ref.bias)
+    assert FusedLinear(3, 2, bias=False).bias is None
+    assert "activation=relu" in repr(fused)
+    assert "negative_slope=0.3" in repr(FusedLinearLeakyReLU(3, 2, negative_slope=0.3))
+
+
+@pytest.mark.parametrize("cls,act,kwargs", [
+    (FusedLinearReLU, nn.ReLU(), {}),
+    (FusedLinearSigmoid, nn.Sigmoid(), {}),
+    (FusedLinearTanh, nn.Tanh(), {}),
+    (FusedLinearSiLU, nn.SiLU(), {}),
+    (FusedLinearGELU, nn.GELU(), {}),
+    (FusedLinearGELU, nn.GELU(approximate="tanh"), {"approximate": "tanh"}),
+    (FusedLinearLeakyReLU, nn.LeakyReLU(0.2), {"negative_slope": 0.2}),
+])
+def test_from_linear_equals_linear_then_activation(cls, act, kwargs):
+    linear = nn.Linear(12, 7).double()
+    fused = cls.from_linear(linear, **kwargs)
+    assert fused.weight.data_ptr() != linear.weight.data_ptr()  # a copy
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), act(linear(x)))
+    assert fused.weight.dtype == torch.float64
+
+
+def test_base_from_linear_takes_the_activation():
+    linear = nn.Linear(4, 3)
+    fused = FusedLinear.from_linear(linear, activation="leaky_relu", negative_slope=0.5)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fused(x), nn.functional.leaky_relu(linear(x), 0.5))
+
+
+def test_fuse_mnist_model_keeps_outputs_and_keys():
+    model = mnist_mlp()
+    fused = fusedlinear.fuse(model)
+    assert isinstance(fused[1], FusedLinearReLU) and isinstance(fused[2], nn.Identity)
+    assert isinstance(fused[3], FusedLinearReLU) and type(fused[5]) is nn.Linear  # no activation after it
+    assert type(model[1]) is nn.Linear, "fuse must not change the original unless inplace=True"
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.rand(64, 1, 28, 28)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_load_strictly_both_ways(tmp_path):
+    eager, fused = mnist_mlp(), fusedlinear.fuse(nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)))
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    eager.load_state_dict(torch.load(tmp_path / "fused.pt"), strict=True)
+    torch.save(eager.state_dict(), tmp_path / "eager.pt")
+    fused.load_state_dict(torch.load(tmp_path / "eager.pt"), strict=True)
+    x = torch.rand(3, 784)
+    torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_nested_and_inplace_and_unfuse():
+    inner = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 4), nn.LeakyReLU(0.3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), inner, nn.Sigmoid())
+    x = torch.randn(5, 6)
+    expected = model(x)
+    params = {id(p) for p in model.parameters()}
+    same = fusedlinear.fuse(model, inplace=True)
+    assert same is model and {id(p) for p in model.parameters()} == params  # optimizer state stays valid
+    assert isinstance(model[0], FusedLinearTanh)
+    assert isinstance(inner[0], FusedLinearGELU) and inner[0].approximate == "tanh"
+    assert isinstance(inner[2], FusedLinearLeakyReLU) and inner[2].negative_slope == 0.3
+    torch.testing.assert_close(model(x), expected)
+    plain = fusedlinear.unfuse(model)
+    assert type(plain[0]) is nn.Linear and isinstance(plain[1], nn.Tanh)
+    assert isinstance(plain[2][1], nn.GELU) and plain[2][1].approximate == "tanh"
+    assert isinstance(plain[2][3], nn.LeakyReLU) and plain[2][3].negative_slope == 0.3
+    assert list(plain.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(plain(x), expected)
+
+
+def test_unfuse_refuses_what_would_change_keys():
+    model = nn.Sequential(FusedLinearReLU(3, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="nn.Identity"):
+        fusedlinear.unfuse(model)
+
+
+def test_module_trains_like_linear_relu():
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1)).double()
+    fused = fusedlinear.fuse(eager)
+    x, y = torch.randn(32, 10, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    for model in (eager, fused):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for p, q in zip(eager.parameters(), fused.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12)

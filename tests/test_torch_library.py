@@ -1,0 +1,46 @@
+"""The registered torch.library ops: opcheck, and torch.compile(fullgraph=True) without graph breaks."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedlinear
+from conftest import ACTIVATIONS, make_inputs
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_forward_and_backward(activation):
+    x, w, b = make_inputs((6,), 5, 4, torch.float64)
+    torch.library.opcheck(torch.ops.fusedlinear.linear_act.default, (x, w, b, activation, 0.1))
+    a, z = torch.ops.fusedlinear.linear_act(x, w, b, activation, 0.1)
+    saved = {"a": a, "z": z, "none": z}[fusedlinear.kernels.ACTIVATIONS[activation].saves]
+    grad = torch.randn_like(a)
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(
+            torch.ops.fusedlinear.linear_act_backward.default, (grad, saved, x, w, activation, 0.1, mask)
+        )
+
+
+def test_opcheck_without_bias():
+    x, w, _ = make_inputs((3,), 5, 4, torch.float32)
+    torch.library.opcheck(torch.ops.fusedlinear.linear_act.default, (x, w, None, "relu", 0.01))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = fusedlinear.fuse(nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    outs, grads = [], []
+    for m in (model, compiled):
+        m.zero_grad()
+        out = m(x)
+        nn.functional.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
