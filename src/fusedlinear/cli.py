@@ -1,0 +1,170 @@
+"""``fusedlinear`` command line: ``train`` (the main job), ``info``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the MNIST model with fused layers (default: bundled digits)",
+                       description="Train NeuralNetwork (784-512-512-10 MLP) with fused Linear+ReLU layers.")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training set (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam", help="default adam (sgd: momentum 0.9)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument("--shift", type=int, default=2,
+                   help="shift each training image by up to this many pixels at random (default 2; 0: off)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of IDX files (train-images-idx3-ubyte[.gz], ...) instead of the bundled digits")
+    p.add_argument("--save", metavar="PATH", help="save the trained state_dict (loads into plain NeuralNetwork)")
+    p.add_argument("--json", metavar="PATH", help="write a JSON summary")
+    p.add_argument("--compare", action="store_true", help="train eager and fused from one seed, side by side")
+    p.add_argument("--plot", metavar="PATH", help="PNG of the loss and accuracy curves (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"fusedlinear: --device {device!r} is not a device name (try cpu or cuda)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"fusedlinear: --device {device} asked for, but PyTorch sees "
+                         f"{torch.cuda.device_count() or 'no'} CUDA GPU(s); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"fusedlinear: --device {device}: only cpu and cuda are supported")
+    return device
+
+
+def cmd_train(args) -> int:
+    from . import mnist, train
+
+    device = _check_device(args.device or _default_device())
+    cfg = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            optimizer=args.optimizer, device=device, seed=args.seed, shift=args.shift)
+    try:
+        cfg.validate()
+        data = mnist.load_idx_dir(args.data_dir) if args.data_dir else mnist.load_bundled()
+    except (ValueError, mnist.IDXError) as exc:
+        raise SystemExit(f"fusedlinear: {exc}") from None
+    print(f"data: {data.source}")
+    print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
+    progress = not args.no_progress
+    if args.compare:
+        summary = train.run_compare(data, cfg, progress)
+        histories = [summary["history"]["eager"], summary["history"]["fused"]]
+        model = None
+    else:
+        model, summary = train.run_training(data, cfg, fused=True, progress=progress)
+        histories = [summary["history"]]
+        print(f"test accuracy {summary['test_accuracy']:.4f}, final loss {summary['final_loss']:.4f}, "
+              f"{summary['seconds']:.1f} s in all, {summary['samples_per_s']:,.0f} samples/s while training")
+    if args.save:
+        if model is None:
+            raise SystemExit("fusedlinear: --save needs a single training run (drop --compare)")
+        train.save_state_dict(model, args.save)
+        print(f"saved state_dict to {args.save} (loads into fusedlinear.mnist.NeuralNetwork with strict=True)")
+    if args.json:
+        train.save_json(summary, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            train.save_plot(histories, args.plot)
+        except RuntimeError as exc:
+            raise SystemExit(f"fusedlinear: {exc}") from None
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import numba
+    import numpy
+
+    from . import __version__, backend
+    from .kernels import _numba_runtime
+
+    print(f"fusedlinear {__version__}  (python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs)")
+    print(f"torch {torch.__version__}, numpy {numpy.__version__}, numba {numba.__version__}")
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}")
+    except ImportError:
+        print("cupy: not installed (pip install 'fusedlinear[cuda]' for CUDA 12, 'fusedlinear[cuda13]' for CUDA 13)")
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    print("devices:")
+    for d in devices:
+        name = "CPU" if d == "cpu" else torch.cuda.get_device_name(int(d.split(":")[1]))
+        chosen = {dt: _safe_select(backend, d, dt) for dt in (torch.float32, torch.float64, torch.bfloat16)}
+        print(f"  {d:8s} {name}: " + ", ".join(f"{str(dt).replace('torch.', '')} -> {b}" for dt, b in chosen.items()))
+    print("backends:")
+    for name, status in backend.available().items():
+        print(f"  {name:6s} {status}")
+    forced = os.environ.get(backend.ENV_VAR)
+    print(f"forced backend ({backend.ENV_VAR}): {forced or 'none'}")
+    _numba_runtime.ensure_runtime()
+    from .kernels import cpu
+
+    print("threads:")
+    print(f"  torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
+    print(f"  numba {numba.get_num_threads()} (layer {_threading_layer()}), scipy OpenBLAS limited to 1 per tile")
+    print("JIT caches:")
+    cache = getattr(cpu.linear_act_forward, "_cache", None)
+    print(f"  numba: {getattr(cache, '_cache_path', None) or 'disabled'}"
+          f"{' (NUMBA_CACHE_DIR)' if os.environ.get('NUMBA_CACHE_DIR') else ''}")
+    print(f"  cupy: {os.environ.get('CUPY_CACHE_DIR', os.path.expanduser('~/.cupy/kernel_cache'))}")
+    return 0
+
+
+def _threading_layer() -> str:
+    import numba
+
+    from .torch_ext import fused_linear
+
+    with torch.no_grad():  # one tiny call starts Numba's thread pool, so the layer is known
+        fused_linear(torch.zeros(1, 1), torch.zeros(1, 1))
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not started"
+
+
+def _safe_select(backend, device, dtype) -> str:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return backend.select(torch.device(device), dtype)
+    except Exception as exc:
+        return f"error: {exc}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedlinear", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    sub.add_parser("info", help="versions, devices, backends, JIT caches, threads")
+    try:
+        from .bench import add_parser as add_bench
+    except ImportError:  # pragma: no cover
+        add_bench = None
+    if add_bench is not None:
+        add_bench(sub)
+    args = parser.parse_args(argv)
+    return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
