@@ -8,8 +8,8 @@ The table is small on purpose::
     "torch"   any device     any float dtype     fusedlinear.backend.reference  (plain PyTorch ops)
 
 By default a CPU tensor goes to ``"numba"``, a CUDA tensor to ``"cupy"``, anything else to
-``"torch"``. What no kernel covers (bfloat16/float16, another device) falls back to ``"torch"``
-with a one-time warning; empty tensors (a zero-sized dimension) always take ``"torch"``, which
+``"torch"``. What no kernel covers (bfloat16/float16, another device), and CUDA tensors where
+CuPy is not installed or sees no GPU, fall back to ``"torch"`` with a one-time warning; empty tensors (a zero-sized dimension) always take ``"torch"``, which
 is exact and free there. ``use_backend(name)`` or the environment variable
 ``FUSEDLINEAR_BACKEND`` force one backend; a forced backend that cannot run the tensor raises.
 
@@ -108,6 +108,14 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
             )
         return forced
     name = DEFAULT_FOR_DEVICE.get(device.type, "torch")
+    reason = _unavailable(name)
+    if reason:
+        _warn_once(
+            ("unavailable", name),
+            f"fusedlinear: backend {name!r} cannot run here ({reason}); using plain PyTorch ops "
+            f"(backend 'torch') for {device.type} tensors.",
+        )
+        return "torch"
     if not _runs(name, device, dtype):
         _warn_once(
             ("dtype", device.type, dtype),
@@ -119,6 +127,17 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
 
 
 _modules: dict[str, ModuleType] = {}
+_unavailable_cache: dict[str, str | None] = {}
+
+
+def _unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this process (None if it can); asked once per process."""
+    if name not in _unavailable_cache:
+        try:
+            _unavailable_cache[name] = getattr(implementation(name), "unavailable_reason", lambda: None)()
+        except ImportError as exc:
+            _unavailable_cache[name] = f"{type(exc).__name__}: {exc}"
+    return _unavailable_cache[name]
 
 
 def implementation(name: str) -> ModuleType:
@@ -146,14 +165,7 @@ def backward(grad, saved, x, w, activation: str, slope: float, mask):
 
 def available() -> dict[str, str]:
     """Each backend and whether it can run here (``"ok"`` or the reason it cannot)."""
-    report = {}
-    for name in BACKENDS:
-        try:
-            reason = getattr(implementation(name), "unavailable_reason", lambda: None)()
-        except Exception as exc:  # an import failure is a reason, not a crash of `info`
-            reason = f"{type(exc).__name__}: {exc}"
-        report[name] = reason or "ok"
-    return report
+    return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
 __all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "forward", "backward", "available"]

@@ -59,3 +59,10 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(out, x, create_graph=True)
     (g,) = torch.autograd.grad(out, x)  # first-order gradients are unaffected
     assert g.shape == x.shape
+
+
+def test_backends_report_why_they_cannot_run():
+    report = fusedlinear.available_backends()
+    assert report["numba"] == "ok" and report["torch"] == "ok"
+    if not __import__("conftest").has_cuda_and_cupy():
+        assert report["cupy"] != "ok" and ("fusedlinear[cuda]" in report["cupy"] or "device" in report["cupy"])
