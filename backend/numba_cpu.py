@@ -1,26 +1,138 @@
 """Backend "numba": CPU tensors, float32/float64, through the Numba kernels in fusedlinear.kernels.cpu.
 
-Tensors reach the kernels without copies where their layout allows: X and W go to BLAS as
-(address, leading dimension, transposed?) whenever either their rows or their columns are
-contiguous (a transposed tensor is read in place); only other strides (e.g. expanded, stride-0
-rows) are copied. Outputs are allocated by PyTorch and written in place through numpy views.
+What this layer does for the kernels:
 
-Threads: the kernels use min(torch.get_num_threads(), Numba's thread count), so
-``torch.set_num_threads(1)`` (as DataLoader workers do) applies to the fused path too.
+* **Memory.** Every output and workspace is a PyTorch tensor, handed over by address. X and W
+  go to BLAS as (address, leading dimension, transposed?) whenever their rows or their columns
+  are contiguous (a transposed tensor is read in place); other strides (expanded, stride-0
+  rows) are copied first.
+* **BLAS.** Each tile is one single-threaded ``?gemm_`` call. By default that is PyTorch's own
+  MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and ``MKL_Set_Num_Threads_Local``, the
+  per-thread setting), so fused GEMMs run the same code as eager ``nn.Linear``; without MKL
+  (e.g. aarch64 builds) scipy's OpenBLAS, held to one thread. ``FUSEDLINEAR_CPU_BLAS=openblas``
+  forces the latter.
+* **Threads.** The kernels run as the body of ``GOMP_parallel`` on PyTorch's own OpenMP pool
+  (the libgomp PyTorch loaded), with ``torch.get_num_threads()`` threads: one pool for eager
+  ops and fused ops, never two spinning side by side. One thread — ``torch.set_num_threads(1)``
+  as in DataLoader workers, a small problem, or a process forked after the pool started (where
+  OpenMP must not be used again) — calls the kernel directly on the calling thread.
+* **Concurrency.** The kernel calls release the GIL; Python threads may call at once.
 """
 
 from __future__ import annotations
 
-import threading
+import ctypes
+import functools
+import os
+import warnings
 
-import numba
+import numpy as np
 import torch
 
 from ..kernels import activations as _acts
-from ..kernels import cpu as _cpu
 from ..kernels import tiling
 
-_serial = threading.Lock()  # used only when Numba runs on its workqueue layer (not thread-safe)
+_cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
+_OWNER_PID = os.getpid()  # OpenMP is not used again in a process forked after the pool started
+_pool_started = False
+
+
+def _kernels():
+    global _cpu
+    if _cpu is None:
+        from ..kernels import _numba_runtime, cpu
+
+        _cpu = cpu
+        if blas_functions()["threads_fn"] == 0:
+            _numba_runtime.limit_scipy_blas_threads()
+    return _cpu
+
+
+@functools.lru_cache(maxsize=None)
+def blas_functions() -> dict:
+    """The BLAS the kernels call, as addresses: {"library", "float32", "float64", "threads_fn"}."""
+    choice = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
+    if choice not in ("auto", "mkl", "openblas"):
+        raise ValueError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: use auto, mkl or openblas")
+    if choice in ("auto", "mkl") and torch.backends.mkl.is_available():
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            address = lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # noqa: E731
+            return {"library": "MKL (PyTorch's)", "float32": address("sgemm_"), "float64": address("dgemm_"),
+                    "threads_fn": address("MKL_Set_Num_Threads_Local")}
+        except (OSError, AttributeError):
+            if choice == "mkl":
+                raise RuntimeError("FUSEDLINEAR_CPU_BLAS=mkl, but libtorch_cpu exports no MKL sgemm_") from None
+    elif choice == "mkl":
+        raise RuntimeError("FUSEDLINEAR_CPU_BLAS=mkl, but this PyTorch is built without MKL")
+    from ..kernels._numba_runtime import scipy_gemm_addresses
+
+    addresses = scipy_gemm_addresses()
+    return {"library": "OpenBLAS (scipy's)", "float32": addresses["sgemm"], "float64": addresses["dgemm"],
+            "threads_fn": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def openmp() -> dict | None:
+    """PyTorch's OpenMP runtime: GOMP_parallel and the thread-number queries, or None."""
+    candidates = [os.path.join(os.path.dirname(torch.__file__), "lib", name) for name in ("libgomp.so.1", "libiomp5.so")]
+    for path in [p for p in candidates if os.path.exists(p)] + [None]:
+        try:
+            lib = ctypes.CDLL(path)  # None: symbols already loaded in the process
+            parallel = lib.GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        parallel.restype = None
+        address = lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # noqa: E731
+        return {"library": path or "process", "parallel": parallel,
+                "thread_num": address("omp_get_thread_num"), "num_threads": address("omp_get_num_threads")}
+    return None
+
+
+def threading_report() -> str:
+    omp = openmp()
+    return (f"GOMP_parallel on PyTorch's OpenMP pool ({omp['library']})" if omp
+            else "no OpenMP runtime found: single-threaded kernels")
+
+
+_SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in (torch.float32, torch.float64)}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_direct: dict[int, object] = {}
+
+
+def _launch(name: str, dtype, params: np.ndarray, work: int) -> None:
+    """Run kernel ``name`` on ``params``: on PyTorch's pool when that pays, else on this thread."""
+    global _pool_started
+    kernel = _kernels().KERNELS[(name, _DTYPE_NAMES[dtype])]
+    threads = torch.get_num_threads() if work >= tiling.CPU_PARALLEL_MIN_FLOP else 1
+    omp = openmp()
+    forked = os.getpid() != _OWNER_PID
+    if threads > 1 and omp is not None and not (forked and _pool_started):
+        if not forked:
+            _pool_started = True
+        params[0], params[1] = omp["thread_num"], omp["num_threads"]
+        omp["parallel"](kernel.address, params.ctypes.data, threads, 0)
+        return
+    if threads > 1 and forked and _pool_started:
+        _warn_fork_once()
+    params[0] = params[1] = 0
+    call = _direct.get(kernel.address)
+    if call is None:
+        call = _direct[kernel.address] = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(kernel.address)
+    call(params.ctypes.data)
+
+
+_fork_warned = False
+
+
+def _warn_fork_once():
+    global _fork_warned
+    if not _fork_warned:
+        _fork_warned = True
+        warnings.warn("fusedlinear: this process was forked after the OpenMP pool started; fused kernels run "
+                      "on one thread here (OpenMP is not fork-safe). Use torch.set_num_threads(1) in workers "
+                      "or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
 
 
 def _blas_operand(t: torch.Tensor):
@@ -35,78 +147,70 @@ def _blas_operand(t: torch.Tensor):
     return t, cols, False
 
 
-def _threads() -> int:
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
-
-
-def _array(t: torch.Tensor):
-    return t.detach().numpy()
-
-
-def _empty2d(like: torch.Tensor):
-    return _array(like.new_empty((0, 0)))
-
-
-def _run(kernel, *args) -> None:
-    _cpu.ensure_runtime()
-    if numba.threading_layer() == "workqueue":
-        with _serial:
-            status = kernel(*args)
-    else:
-        status = kernel(*args)
-    if status != 0:
-        raise RuntimeError(f"fusedlinear: a BLAS call in {kernel.__name__} failed (status {status})")
-
-
 def _check_dims(*dims: int) -> None:
     if max(dims) >= 2**31:
-        raise RuntimeError(
-            f"fusedlinear: dimension {max(dims)} exceeds BLAS's 32-bit limit; use use_backend('torch')"
-        )
+        raise RuntimeError(f"fusedlinear: dimension {max(dims)} exceeds BLAS's 32-bit limit; "
+                           f"use fusedlinear.use_backend('torch')")
+
+
+def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, tuple]:
+    cpu = _kernels()
+    p = np.zeros(cpu.N_PARAMS, dtype=np.int64)
+    blas = blas_functions()
+    one, zero = _SCALARS[dtype]
+    xk, ldx, tx = _blas_operand(x.detach())
+    wk, ldw, tw = _blas_operand(w.detach())
+    p[cpu.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
+    p[cpu.P_BLAS_THREADS] = blas["threads_fn"]
+    p[cpu.P_ALPHA], p[cpu.P_BETA] = one.data_ptr(), zero.data_ptr()
+    p[cpu.P_X], p[cpu.P_LDX], p[cpu.P_TX] = xk.data_ptr(), ldx, tx
+    p[cpu.P_W], p[cpu.P_LDW], p[cpu.P_TW] = wk.data_ptr(), ldw, tw
+    p[cpu.P_M], p[cpu.P_N], p[cpu.P_K] = m, n, k
+    p[cpu.P_ACT] = _acts.ACTIVATION_IDS[activation]
+    p.view(np.float64)[cpu.P_SLOPE] = slope
+    return p, (xk, wk)  # the tensors the addresses point into, kept alive by the caller
 
 
 def forward(x, w, b, activation, slope):
     (m, k), n = x.shape, w.shape[0]
-    _check_dims(m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1))
+    _check_dims(m, n, k, *x.stride(), *w.stride())
+    cpu = _kernels()
     act = _acts.ACTIVATIONS[activation]
     a = x.new_empty((m, n))
     z = x.new_empty((m, n)) if act.saves == "z" else x.new_empty(0)
     bias = b.detach().contiguous() if b is not None else x.new_zeros(n)
-    xk, ldx, tx = _blas_operand(x.detach())
-    wk, ldw, tw = _blas_operand(w.detach())
-    tm, tn = tiling.cpu_tiles(m, n, _threads())
-    _run(
-        _cpu.linear_act_forward,
-        xk.data_ptr(), ldx, tx, wk.data_ptr(), ldw, tw, k,
-        _array(bias), _array(a), _array(z) if act.saves == "z" else _empty2d(x),
-        _acts.ACTIVATION_IDS[activation], float(slope), tm, tn,
-    )
+    p, keep = _base_params(x.dtype, x, w, m, n, k, activation, slope)
+    p[cpu.P_BIAS], p[cpu.P_A] = bias.data_ptr(), a.data_ptr()
+    p[cpu.P_Z] = z.data_ptr() if act.saves == "z" else 0
+    threads = torch.get_num_threads()
+    p[cpu.P_TM], p[cpu.P_TN] = tiling.cpu_tiles(m, n, threads)
+    _launch("forward", x.dtype, p, 2 * m * n * k)
     return a, z
 
 
 def backward(grad, saved, x, w, activation, slope, mask):
     (m, k), n = x.shape, w.shape[0]
+    _check_dims(m, n, k, *x.stride(), *w.stride())
+    cpu = _kernels()
     grad = grad.detach().contiguous()
-    saved = saved.detach().contiguous() if saved.numel() else saved.detach().new_empty((0, 0))
-    xk, ldx, tx = _blas_operand(x.detach())
-    wk, ldw, tw = _blas_operand(w.detach())
+    saved = saved.detach().contiguous()
+    dz = x.new_empty((m, n))
     dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
     dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
     db = x.new_empty(n) if mask[2] else x.new_empty(0)
-    threads = _threads()
-    tm, tk = tiling.cpu_tiles(m, k, threads)
-    _run(
-        _cpu.linear_act_backward,
-        _array(grad), _array(saved), xk.data_ptr(), ldx, tx, wk.data_ptr(), ldw, tw, k,
-        _acts.ACTIVATION_IDS[activation], float(slope),
-        _array(dx) if mask[0] else _empty2d(x),
-        _array(dw) if mask[1] else _empty2d(x),
-        _array(db) if mask[2] else _array(x.new_empty(0)),
-        tiling.cpu_column_block(n, threads), tm, tk,
-    )
+    p, keep = _base_params(x.dtype, x, w, m, n, k, activation, slope)
+    p[cpu.P_DA] = grad.data_ptr()
+    p[cpu.P_SAVED] = saved.data_ptr() if saved.numel() else 0
+    p[cpu.P_DZ] = dz.data_ptr()
+    p[cpu.P_DX] = dx.data_ptr() if mask[0] else 0
+    p[cpu.P_DW] = dw.data_ptr() if mask[1] else 0
+    p[cpu.P_DB] = db.data_ptr() if mask[2] else 0
+    threads = torch.get_num_threads()
+    p[cpu.P_CB] = tiling.cpu_column_block(n, threads)
+    _launch("backward_columns", x.dtype, p, 2 * m * n * k * mask[1] + m * n)
+    if mask[0]:
+        p[cpu.P_TM], p[cpu.P_TK] = tiling.cpu_tiles(m, k, threads)
+        _launch("backward_rows", x.dtype, p, 2 * m * n * k)
     return dx, dw, db
 
 

@@ -1,122 +1,96 @@
-"""Numba runtime set-up shared by the CPU kernels: threading layer, BLAS threads, pointer helpers.
+"""Pointer-level helpers for the Numba CPU kernels: typed pointers, calls through function
+addresses (BLAS ?gemm_, OpenMP), and the row-major GEMM on raw addresses.
 
-* Threading layer: TBB when it can be loaded (thread-safe *and* fork-safe: 8 Python threads may
-  call the kernels at once, and DataLoader workers fork after the first call). The ``tbb`` wheel
-  puts ``libtbb.so.12`` in ``<prefix>/lib``, which the loader does not search, so it is loaded
-  here by path first. A ``NUMBA_THREADING_LAYER`` set by the user wins.
-* BLAS threads: every tile is one BLAS call made from a Numba worker thread, so scipy's OpenBLAS
-  (the one ``scipy.linalg.cython_blas`` and therefore Numba use; numpy and torch have their own)
-  is limited to one thread, or the two pools would multiply to 2 x 2 threads on 2 cores.
-* ``gemm``: row-major ``C = op(A) op(B)`` through ``numba_xxgemm`` (Numba's own BLAS shim, which
-  resolves scipy's sgemm/dgemm by name at run time, so kernels using it can be cached on disk).
+The kernels never link a library themselves: the caller (fusedlinear.backend.numba_cpu) hands
+them *addresses* — of a Fortran-interface ``?gemm_`` (PyTorch's MKL, or scipy's OpenBLAS), of
+MKL's per-thread thread setter, of ``omp_get_thread_num``/``omp_get_num_threads`` — so the
+compiled kernels hold no process-specific address and Numba can cache them on disk.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
-import sys
-import threading
-import warnings
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-_setup_lock = threading.Lock()
-_ready = False
-TBB_LOADED = False
+_VOIDP = ir.IntType(8).as_pointer()
 
 
-def _load_tbb() -> bool:
-    candidates = []
-    for prefix in {sys.prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX", "")}:
-        if prefix:
-            candidates += glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))
-    for path in sorted(candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return True
-        except OSError:
-            continue
-    try:  # a system TBB on the default search path
-        ctypes.CDLL("libtbb.so.12", mode=ctypes.RTLD_GLOBAL)
-        return True
-    except OSError:
-        return False
+def _typed_pointer(dtype):
+    @intrinsic
+    def as_pointer(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(dtype)))
+
+        return types.CPointer(dtype)(addr), codegen
+
+    return as_pointer
 
 
-def _limit_scipy_blas_threads() -> None:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl is a declared dependency
-        return
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library we limit)
-
-    for ctl in ThreadpoolController().lib_controllers:
-        if ctl.internal_api == "openblas" and "scipy" in os.path.basename(ctl.filepath) and "64_" not in os.path.basename(ctl.filepath):
-            ctl.set_num_threads(1)
-
-
-def ensure_runtime() -> None:
-    """Idempotent one-time set-up; call before the first parallel kernel."""
-    global _ready, TBB_LOADED
-    if _ready:
-        return
-    with _setup_lock:
-        if _ready:
-            return
-        if "NUMBA_THREADING_LAYER" not in os.environ:
-            TBB_LOADED = _load_tbb()
-            if TBB_LOADED:
-                numba.config.THREADING_LAYER = "tbb"
-            else:
-                warnings.warn(
-                    "fusedlinear: Intel TBB could not be loaded (pip install tbb); Numba falls back to "
-                    "another threading layer and concurrent calls from several Python threads are serialised.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        _limit_scipy_blas_threads()
-        # numba_xxgemm looks sgemm/dgemm up under the GIL on first use: do it here, on this
-        # thread, before a worker thread without the GIL needs it.
-        for dtype in (np.float32, np.float64):
-            _prime_blas(np.ones((2, 2), dtype))
-        _ready = True
-
-
-@njit(cache=True)
-def _prime_blas(a):
-    return np.dot(a, a)
-
-
-# ---- row-major GEMM on raw addresses ---------------------------------------------------------
-
-_xxgemm = types.ExternalFunction(
-    "numba_xxgemm",
-    types.intc(
-        types.char, types.char, types.char,  # kind, transa, transb
-        types.intp, types.intp, types.intp,  # m, n, k
-        types.voidptr, types.voidptr, types.intp,  # alpha, a, lda
-        types.voidptr, types.intp, types.voidptr,  # b, ldb, beta
-        types.voidptr, types.intp,  # c, ldc
-    ),
-)
+f32_ptr = _typed_pointer(types.float32)
+f64_ptr = _typed_pointer(types.float64)
+i64_ptr = _typed_pointer(types.int64)
 
 
 @intrinsic
-def _voidptr(typingctx, addr):
-    """An integer address as ``void*`` (kernels receive tensors' data pointers as integers)."""
-    if not isinstance(addr, types.Integer):
+def address_of(typingctx, ptr):
+    """The integer address held by a ``void*`` (a cfunc's argument)."""
+    if ptr != types.voidptr:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        return builder.ptrtoint(args[0], ir.IntType(64))
 
-    return types.voidptr(addr), codegen
+    return types.int64(ptr), codegen
+
+
+@intrinsic
+def call_int(typingctx, fn):
+    """``int fn(void)`` through its address (omp_get_thread_num, omp_get_num_threads)."""
+    if not isinstance(fn, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+
+    return types.int32(fn), codegen
+
+
+@intrinsic
+def call_int_int(typingctx, fn, value):
+    """``int fn(int)`` through its address (MKL_Set_Num_Threads_Local: returns the previous value)."""
+    if not (isinstance(fn, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(i32, [i32])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.trunc(args[1], i32)])
+
+    return types.int32(fn, value), codegen
+
+
+@intrinsic
+def _call_gemm(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Fortran ``?gemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)``: every argument an address."""
+    args = (fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    if not all(isinstance(t, types.Integer) for t in args):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        fnty = ir.FunctionType(ir.VoidType(), [_VOIDP] * 13)
+        fptr = builder.inttoptr(llargs[0], fnty.as_pointer())
+        builder.call(fptr, [builder.inttoptr(v, _VOIDP) for v in llargs[1:]])
+        return context.get_dummy_value()
+
+    return types.none(*args), codegen
 
 
 @njit(inline="always")
@@ -129,18 +103,48 @@ def address(base, ld, trans, row, col, itemsize):
 
 
 @njit(inline="always")
-def gemm(one, zero, m, n, k, a, lda, ta, b, ldb, tb, c, ldc):
-    """Row-major ``C[m, n] = op(A)[m, k] @ op(B)[k, n]`` (beta = 0), dtype taken from ``one``.
+def gemm(blas, threads_fn, alpha, beta, m, n, k, a, lda, ta, b, ldb, tb, c, ldc):
+    """Row-major ``C[m, n] = op(A)[m, k] @ op(B)[k, n]``, single-threaded, beta taken from ``beta``.
 
     BLAS is column-major, and a row-major matrix read column-major is its transpose, so this is
     the column-major call ``Cᵀ = op(B)ᵀ op(A)ᵀ``: operands swapped, transpose flags kept.
+    ``alpha``/``beta``: addresses of scalars of the dtype; ``blas``: the ?gemm_ address;
+    ``threads_fn``: MKL_Set_Num_Threads_Local's address, or 0.
     """
-    kind = np.int8(115) if one.itemsize == 4 else np.int8(100)  # 's' / 'd'
-    flag_a = np.int8(84) if ta else np.int8(78)  # 'T' / 'N'
-    flag_b = np.int8(84) if tb else np.int8(78)
-    status = _xxgemm(
-        kind, flag_b, flag_a, n, m, k,
-        one.ctypes, _voidptr(b), ldb, _voidptr(a), lda,
-        zero.ctypes, _voidptr(c), ldc,
-    )
-    return status
+    dims = np.empty(6, np.int32)  # the Fortran interface takes every integer by address
+    dims[0] = n
+    dims[1] = m
+    dims[2] = k
+    dims[3] = ldb
+    dims[4] = lda
+    dims[5] = ldc
+    flags = np.empty(2, np.uint8)
+    flags[0] = 84 if tb else 78  # 'T' / 'N'
+    flags[1] = 84 if ta else 78
+    previous = 0
+    if threads_fn != 0:
+        previous = call_int_int(threads_fn, 1)  # this call runs on this thread only
+    d = dims.ctypes.data
+    _call_gemm(blas, flags.ctypes.data, flags.ctypes.data + 1, d, d + 4, d + 8, alpha, b, d + 12,
+               a, d + 16, beta, c, d + 20)
+    if threads_fn != 0:
+        call_int_int(threads_fn, previous)
+
+
+def scipy_gemm_addresses() -> dict[str, int]:
+    """Addresses of scipy's sgemm/dgemm (its OpenBLAS, Fortran interface)."""
+    from numba.extending import get_cython_function_address
+
+    return {name: get_cython_function_address("scipy.linalg.cython_blas", name) for name in ("sgemm", "dgemm")}
+
+
+def limit_scipy_blas_threads() -> None:
+    """scipy's OpenBLAS to one thread: the kernels' own threads each call it on one tile."""
+    from threadpoolctl import ThreadpoolController
+
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library limited here)
+
+    for ctl in ThreadpoolController().lib_controllers:
+        name = os.path.basename(ctl.filepath)
+        if ctl.internal_api == "openblas" and "scipy_openblas" in name and "64_" not in name:
+            ctl.set_num_threads(1)

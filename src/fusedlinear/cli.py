@@ -92,7 +92,6 @@ def cmd_info(args) -> int:
     import numpy
 
     from . import __version__, backend
-    from .kernels import _numba_runtime
 
     print(f"fusedlinear {__version__}  (python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs)")
     print(f"torch {torch.__version__}, numpy {numpy.__version__}, numba {numba.__version__}")
@@ -113,31 +112,20 @@ def cmd_info(args) -> int:
         print(f"  {name:6s} {status}")
     forced = os.environ.get(backend.ENV_VAR)
     print(f"forced backend ({backend.ENV_VAR}): {forced or 'none'}")
-    _numba_runtime.ensure_runtime()
-    from .kernels import cpu
+    from .backend import numba_cpu
 
     print("threads:")
     print(f"  torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
-    print(f"  numba {numba.get_num_threads()} (layer {_threading_layer()}), scipy OpenBLAS limited to 1 per tile")
+    print(f"  fused CPU kernels: {numba_cpu.threading_report()}, torch.get_num_threads() threads")
+    print(f"  BLAS per tile: {numba_cpu.blas_functions()['library']}, one thread per call")
     print("JIT caches:")
-    cache = getattr(cpu.linear_act_forward, "_cache", None)
+    from .kernels import cpu
+
+    cache = getattr(cpu.forward_f32, "_cache", None)
     print(f"  numba: {getattr(cache, '_cache_path', None) or 'disabled'}"
           f"{' (NUMBA_CACHE_DIR)' if os.environ.get('NUMBA_CACHE_DIR') else ''}")
     print(f"  cupy: {os.environ.get('CUPY_CACHE_DIR', os.path.expanduser('~/.cupy/kernel_cache'))}")
     return 0
-
-
-def _threading_layer() -> str:
-    import numba
-
-    from .torch_ext import fused_linear
-
-    with torch.no_grad():  # one tiny call starts Numba's thread pool, so the layer is known
-        fused_linear(torch.zeros(1, 1), torch.zeros(1, 1))
-    try:
-        return numba.threading_layer()
-    except ValueError:
-        return "not started"
 
 
 def _safe_select(backend, device, dtype) -> str:

@@ -1,0 +1,371 @@
+"""``fusedlinear bench``: fused layers beside eager PyTorch, torch.compile and the bare-BLAS limit.
+
+Every measurement runs in a fresh process for one provider (a thread pool left spinning by one
+provider must not slow the next), providers alternate over rounds in a rotating order, each
+process warms up first and then times a point for at least ``--min-seconds``; the samples of all
+rounds are pooled into median, p20 and p80. Results are validated before timing (fused against
+eager). Rows go to a CSV with the machine, versions, thread counts and a timestamp.
+
+Benchmarks::
+
+    layer      one Linear+activation (k -> n), forward / backward / forward+backward, per batch
+    step       the MNIST training step: forward, cross-entropy, backward, SGD step
+    infer      MNIST inference (no_grad)
+    coldstart  a fresh process: import + first call, with an empty and with a warm JIT cache
+
+Providers: ``fused`` (fusedlinear), ``eager`` (nn.Linear + activation module), ``compile``
+(torch.compile of the eager model), ``blas`` (the same GEMMs as bare numpy/OpenBLAS calls: the
+limit, timed in its own processes like every other provider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+MNIST_LAYERS = ((784, 512), (512, 512), (512, 10))
+PROVIDERS = ("fused", "eager", "compile", "blas")
+
+
+# ---- inside a worker process -----------------------------------------------------------------
+
+
+def _samples(fn, warmup: int, reps: int, min_seconds: float) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out, start = [], time.perf_counter()
+    while len(out) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _activation_module(name):
+    from torch import nn
+
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU,
+            "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": nn.LeakyReLU,
+            "identity": nn.Identity}[name]()
+
+
+def _blas_layer(batch, k, n, mode):
+    """The GEMMs of one layer as numpy calls into preallocated outputs (numpy's OpenBLAS)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((batch, k), np.float32), rng.standard_normal((n, k), np.float32)
+    dz = rng.standard_normal((batch, n), np.float32)
+    z, dx, dw = np.empty((batch, n), np.float32), np.empty((batch, k), np.float32), np.empty((n, k), np.float32)
+
+    def fwd():
+        np.matmul(x, w.T, out=z)
+
+    def bwd():
+        np.matmul(dz, w, out=dx)
+        np.matmul(dz.T, x, out=dw)
+
+    return {"forward": fwd, "backward": bwd, "fwdbwd": lambda: (fwd(), bwd())}[mode]
+
+
+def _blas_step(batch):
+    """The GEMMs of an MNIST training step (layer 1's dX is not needed: 8 GEMMs)."""
+    fns = [_blas_layer(batch, k, n, "forward") for k, n in MNIST_LAYERS]
+    fns += [_blas_layer(batch, k, n, "backward") for k, n in MNIST_LAYERS[1:]]
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    dz, x = rng.standard_normal((batch, 512), np.float32), rng.standard_normal((batch, 784), np.float32)
+    dw = np.empty((512, 784), np.float32)
+    fns.append(lambda: np.matmul(dz.T, x, out=dw))
+    return lambda: [f() for f in fns]
+
+
+def _torch_layer(provider, batch, k, n, activation, mode):
+    import torch
+    from torch import nn
+
+    import fusedlinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n)
+    eager = nn.Sequential(linear, _activation_module(activation))
+    model = {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
+             "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
+    x = torch.randn(batch, k, requires_grad=mode != "forward")
+    if provider == "fused":  # validate before timing
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
+    grad = torch.randn(batch, n)
+    if mode == "forward":
+        def fn():
+            with torch.no_grad():
+                model(x)
+        return fn
+    if mode == "backward":
+        state = {}
+
+        def fn():
+            if "out" not in state:
+                state["out"] = model(x)
+            state["out"].backward(grad, retain_graph=True)
+        return fn
+
+    def fn():
+        model(x).backward(grad)
+    return fn
+
+
+def _torch_mnist(provider, batch, train: bool):
+    import torch
+    from torch import nn
+
+    import fusedlinear
+    from fusedlinear.mnist import NeuralNetwork
+
+    torch.manual_seed(0)
+    eager = NeuralNetwork()
+    model = {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
+             "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    if provider == "fused":
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
+    if not train:
+        def infer():
+            with torch.no_grad():
+                model(x)
+        return infer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def flops(what, batch, k=0, n=0, mode="fwdbwd"):
+    if what in ("step", "infer"):
+        per_layer = sum(2 * batch * kk * nn for kk, nn in MNIST_LAYERS)
+        if what == "infer":
+            return per_layer
+        return 3 * per_layer - 2 * batch * 784 * 512  # layer 1's dX is not computed
+    return 2 * batch * k * n * {"forward": 1, "backward": 2, "fwdbwd": 3}[mode]
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    results = []
+    for batch in spec["batches"]:
+        p = spec["provider"]
+        if spec["what"] == "layer":
+            k, n = spec["shape"]
+            fn = (_blas_layer(batch, k, n, spec["mode"]) if p == "blas"
+                  else _torch_layer(p, batch, k, n, spec["activation"], spec["mode"]))
+        elif p == "blas":
+            fn = _blas_step(batch) if spec["what"] == "step" else _blas_layer_chain(batch)
+        else:
+            fn = _torch_mnist(p, batch, train=spec["what"] == "step")
+        warmup = 20 if p == "compile" else 5
+        results.append({"batch": batch, "samples": _samples(fn, warmup, spec["reps"], spec["min_seconds"])})
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    return {"results": results, "peak_rss_mib": rss, "torch_threads": torch.get_num_threads()}
+
+
+def _blas_layer_chain(batch):
+    fns = [_blas_layer(batch, k, n, "forward") for k, n in MNIST_LAYERS]
+    return lambda: [f() for f in fns]
+
+
+# ---- the parent: processes, rounds, aggregation, CSV, plot ------------------------------------
+
+
+def _quantiles(samples):
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def machine_info() -> dict:
+    import platform
+
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"machine": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _spawn(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "fusedlinear.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec['provider']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> list[dict]:
+    providers = [p for p in args.providers.split(",") if p]
+    for p in providers:
+        if p not in PROVIDERS:
+            raise SystemExit(f"fusedlinear bench: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    batches = [int(b) for b in args.batches.split(",")]
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    pooled = {(p, b): [] for p in providers for b in batches}
+    rss = {p: 0.0 for p in providers}
+    for r in range(args.rounds):
+        order = providers[r % len(providers):] + providers[:r % len(providers)]
+        for p in order:
+            spec = {"what": args.what, "provider": p, "batches": batches, "shape": shape, "mode": args.mode,
+                    "activation": args.activation, "reps": args.reps, "min_seconds": args.min_seconds}
+            out = _spawn(spec)
+            rss[p] = max(rss[p], out["peak_rss_mib"])
+            for res in out["results"]:
+                pooled[(p, res["batch"])] += res["samples"]
+            print(f"  round {r + 1}/{args.rounds}: {p} done", file=sys.stderr, flush=True)
+    info = machine_info()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    rows = []
+    for b in batches:
+        base = _quantiles(pooled[("eager", b)])[0] if "eager" in providers else None
+        for p in providers:
+            med, p20, p80 = _quantiles(pooled[(p, b)])
+            kernel = f"{args.what}" if args.what != "layer" else f"layer_{args.activation}_{shape[0]}x{shape[1]}"
+            rows.append({
+                "kernel": kernel, "mode": args.mode if args.what == "layer" else args.what, "provider": p,
+                "batch": b, "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
+                "samples": len(pooled[(p, b)]),
+                "gflops": flops(args.what, b, *shape, args.mode) / med / 1e9,
+                "ratio_to_eager": (med / base) if base else "",
+                "peak_rss_mib": round(rss[p], 1), "timestamp": stamp, **info,
+            })
+    return rows
+
+
+def print_table(rows) -> None:
+    print(f"{'kernel':24s} {'mode':8s} {'provider':8s} {'batch':>6s} {'median ms':>10s} {'p20-p80 ms':>17s} "
+          f"{'GFLOP/s':>8s} {'/eager':>7s}")
+    for r in rows:
+        ratio = f"{r['ratio_to_eager']:.3f}" if r["ratio_to_eager"] != "" else ""
+        print(f"{r['kernel']:24s} {r['mode']:8s} {r['provider']:8s} {r['batch']:>6d} {r['median_ms']:>10.4f} "
+              f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gflops']:>8.1f} {ratio:>7s}")
+
+
+def append_csv(path, rows) -> None:
+    import csv
+
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'fusedlinear[bench]'") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in dict.fromkeys(r["provider"] for r in rows):
+        mine = [r for r in rows if r["provider"] == p]
+        xs = [r["batch"] for r in mine]
+        if p != "eager" and all(r["ratio_to_eager"] != "" for r in mine):
+            ax1.plot(xs, [r["ratio_to_eager"] for r in mine], marker="o", label=p)
+        ax2.plot(xs, [r["gflops"] for r in mine], marker="o", label=p)
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set(xscale="log", xlabel="batch", ylabel="time / eager time", title=f"{rows[0]['kernel']} {rows[0]['mode']}")
+    ax2.set(xscale="log", xlabel="batch", ylabel="GFLOP/s", title=rows[0]["machine"][:48])
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def coldstart(args) -> list[dict]:
+    """import + first fused forward/backward in a fresh process, empty and warm Numba cache."""
+    code = ("import time; t0 = time.perf_counter(); import torch, fusedlinear; t1 = time.perf_counter(); "
+            "x = torch.randn(64, 784, requires_grad=True); m = fusedlinear.FusedLinearReLU(784, 512); "
+            "m(x).sum().backward(); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)")
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for state in ("empty", "warm", "warm"):
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            imp, first = (float(v) for v in proc.stdout.split())
+            rows.append({"cache": state, "process_s": wall, "import_s": imp, "first_call_s": first})
+            print(f"JIT cache {state:5s}: process {wall:6.2f} s (import {imp:.2f} s, first forward+backward {first:.2f} s)")
+    return rows
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks beside eager PyTorch, torch.compile and bare BLAS",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("layer", "step", "infer", "coldstart"))
+    p.add_argument("--providers", default="fused,eager,compile,blas")
+    p.add_argument("--batches", default="1,16,64,256,1024,4096")
+    p.add_argument("--shape", default="784x512", help="layer: in x out features (default 784x512)")
+    p.add_argument("--mode", choices=("forward", "backward", "fwdbwd"), default="fwdbwd", help="layer only")
+    p.add_argument("--activation", default="relu", help="layer only")
+    p.add_argument("--rounds", type=int, default=3, help="processes per provider, alternated (default 3)")
+    p.add_argument("--reps", type=int, default=20, help="timed calls per point per process, at least")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="timed seconds per point per process, at least")
+    p.add_argument("--csv", help="append rows to this CSV")
+    p.add_argument("--plot", help="PNG of time/eager and GFLOP/s against batch")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    if args.what == "coldstart":
+        rows = coldstart(args)
+        if args.csv:
+            append_csv(args.csv, [r | machine_info() for r in rows])
+        return 0
+    rows = run(args)
+    print_table(rows)
+    if args.csv:
+        append_csv(args.csv, rows)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(run_worker(json.loads(sys.argv[2]))))
+    else:
+        from .cli import main
+
+        sys.exit(main(["bench", *sys.argv[1:]]))
