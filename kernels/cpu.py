@@ -41,10 +41,14 @@ from . import activations as _acts
 from ._numba_runtime import address, address_of, call_int, f32_ptr, f64_ptr, gemm, i64_ptr
 
 # The parameter block: int64 slots (P_SLOPE holds a float64's bits).
+# P_STAGE splits a kernel for large problems (see fusedlinear.backend.numba_cpu): forward
+# 0 = BLAS + epilogue per tile, 1 = BLAS only, 2 = epilogue only; backward_columns 0 = dZ, db and
+# dW per block, 1 = dZ and db only, 2 = dW only. P_WHOLE = 1: the call is one whole-matrix tile
+# made outside any parallel region, and BLAS may use its own threads (PyTorch's pool again).
 (P_THREAD_NUM, P_NUM_THREADS, P_GEMM, P_BLAS_THREADS, P_ALPHA, P_BETA,
  P_X, P_LDX, P_TX, P_W, P_LDW, P_TW, P_M, P_N, P_K,
  P_BIAS, P_A, P_Z, P_ACT, P_SLOPE, P_TM, P_TN,
- P_DA, P_SAVED, P_DZ, P_DX, P_DW, P_DB, P_CB, P_TK) = range(30)
+ P_DA, P_SAVED, P_DZ, P_DX, P_DW, P_DB, P_CB, P_TK, P_WHOLE, P_STAGE) = range(32)
 N_PARAMS = 32
 
 
@@ -100,6 +104,12 @@ def _team(P):
 
 
 @njit(inline="always")
+def _blas_threads(P):
+    """The per-thread BLAS setter to pin calls to one thread, or 0 to let a whole-matrix call use BLAS's threads."""
+    return 0 if P[P_WHOLE] != 0 else P[P_BLAS_THREADS]
+
+
+@njit(inline="always")
 def _slope(P):
     return carray(f64_ptr(P.ctypes.data), (N_PARAMS,))[P_SLOPE]
 
@@ -114,18 +124,20 @@ def _forward_tiles(P, a, src, bias):
     item = a.itemsize
     act, slope = P[P_ACT], _slope(P)
     tx, tw = P[P_TX] != 0, P[P_TW] != 0
+    stage = P[P_STAGE]
     tiles_n = (N + tn - 1) // tn
     for t in range(tid, ((M + tm - 1) // tm) * tiles_n, nth):
         r0 = (t // tiles_n) * tm
         c0 = (t % tiles_n) * tn
         r1 = min(r0 + tm, M)
         c1 = min(c0 + tn, N)
-        # Z[r0:r1, c0:c1] = X[r0:r1, :] @ (W[c0:c1, :])ᵀ
-        gemm(P[P_GEMM], P[P_BLAS_THREADS], P[P_ALPHA], P[P_BETA], r1 - r0, c1 - c0, K,
-             address(P[P_X], P[P_LDX], tx, r0, 0, item), P[P_LDX], tx,
-             address(P[P_W], P[P_LDW], tw, c0, 0, item), P[P_LDW], not tw,
-             src.ctypes.data + (r0 * N + c0) * item, N)
-        _epilogue(src, a, bias, r0, r1, c0, c1, act, slope)
+        if stage != 2:  # Z[r0:r1, c0:c1] = X[r0:r1, :] @ (W[c0:c1, :])ᵀ
+            gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], r1 - r0, c1 - c0, K,
+                 address(P[P_X], P[P_LDX], tx, r0, 0, item), P[P_LDX], tx,
+                 address(P[P_W], P[P_LDW], tw, c0, 0, item), P[P_LDW], not tw,
+                 src.ctypes.data + (r0 * N + c0) * item, N)
+        if stage != 1:
+            _epilogue(src, a, bias, r0, r1, c0, c1, act, slope)
 
 
 @njit
@@ -137,20 +149,22 @@ def _backward_columns(P, dA, saved, dz, db):
     item = dz.itemsize
     act, slope = P[P_ACT], _slope(P)
     tx = P[P_TX] != 0
+    stage = P[P_STAGE]
     for blk in range(tid, (N + cb - 1) // cb, nth):
         c0 = blk * cb
         c1 = min(c0 + cb, N)
-        _grad(dz, dA, saved, 0, M, c0, c1, act, slope)
-        if P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
+        if stage != 2:
+            _grad(dz, dA, saved, 0, M, c0, c1, act, slope)
+        if stage != 2 and P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
             acc = np.zeros(c1 - c0, np.float64)
             for i in range(M):
                 for j in range(c0, c1):
                     acc[j - c0] += dz[i, j]
             for j in range(c0, c1):
                 db[j] = acc[j - c0]
-        if P[P_DW] != 0:
+        if stage != 1 and P[P_DW] != 0:
             # dW[c0:c1, :] = (dZ[:, c0:c1])ᵀ @ X
-            gemm(P[P_GEMM], P[P_BLAS_THREADS], P[P_ALPHA], P[P_BETA], c1 - c0, K, M,
+            gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], c1 - c0, K, M,
                  dz.ctypes.data + c0 * item, N, True,
                  P[P_X], P[P_LDX], tx,
                  P[P_DW] + c0 * K * item, K)
@@ -170,7 +184,7 @@ def _backward_rows(P, item):
         r1 = min(r0 + tm, M)
         k1 = min(k0 + tk, K)
         # dX[r0:r1, k0:k1] = dZ[r0:r1, :] @ W[:, k0:k1]
-        gemm(P[P_GEMM], P[P_BLAS_THREADS], P[P_ALPHA], P[P_BETA], r1 - r0, k1 - k0, N,
+        gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], r1 - r0, k1 - k0, N,
              P[P_DZ] + r0 * N * item, N, False,
              address(P[P_W], P[P_LDW], tw, 0, k0, item), P[P_LDW], tw,
              P[P_DX] + (r0 * K + k0) * item, K)

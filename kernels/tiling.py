@@ -7,30 +7,26 @@ emulation harness in ``tests/`` all take grid and tile sizes from the same funct
 from __future__ import annotations
 
 # ---- CPU (Numba kernels on PyTorch's OpenMP pool, single-threaded BLAS per tile) -------------
-# Each tile is one single-threaded BLAS call followed by the epilogue while the tile is hot.
-# Tiles are bands of whole rows (full output width): every BLAS call then packs its right-hand
-# operand once per band, and narrow column tiles measured up to 30% slower (dX of 1024x784 from
-# 512 columns: 256x256 tiles 6.0 ms, 256x784 bands 4.6 ms; 2-core EPYC, MKL, 2026-11). Bands are
-# cut so that every thread gets CPU_TILES_PER_THREAD of them; only when that would leave fewer
-# than CPU_MIN_TILE_M rows per band is the width split instead.
-CPU_TILES_PER_THREAD = 2
-CPU_MIN_TILE_M = 16
+# Small batches (M < CPU_WHOLE_MIN_ROWS): each tile is one single-threaded BLAS call followed by
+# the epilogue while the tile is hot. A tile spans all M rows and a block of columns, so every
+# thread packs only its own slice of W, once: bands of rows instead (each packing all of W)
+# measured 20% slower at M = 64 (2-core EPYC, MKL, 2026-11).
+CPU_TILES_PER_THREAD = 1
 CPU_MIN_TILE_N = 64
 # Below this many flops a call runs on the calling thread: waking the OpenMP team costs more than
 # it saves (2 MFLOP is ~20 us of single-core sgemm on the 2-core EPYC).
 CPU_PARALLEL_MIN_FLOP = 2_000_000
+# From this many rows on (and with MKL), GEMMs run as whole-matrix multi-threaded calls and only
+# the element-wise stages are tiled (fusedlinear.backend.numba_cpu._whole).
+CPU_WHOLE_MIN_ROWS = 256
 
 
 def cpu_tiles(m: int, n: int, threads: int) -> tuple[int, int]:
-    """Tile sizes (tm, tn) for an (m, n) output computed by ``threads`` threads."""
+    """Tile sizes (tm, tn) for an (m, n) output computed by ``threads`` threads: all m rows, and
+    the columns cut into CPU_TILES_PER_THREAD blocks per thread (at least CPU_MIN_TILE_N wide),
+    so each thread packs only its own slice of the weight once."""
     want = CPU_TILES_PER_THREAD * threads if threads > 1 else 1
-    tm = max(CPU_MIN_TILE_M, -(-m // want))
-    tn = n
-    bands = -(-m // tm)
-    if bands < want:  # too few rows: split the width too
-        per_band = -(-want // bands)
-        tn = max(CPU_MIN_TILE_N, -(-n // per_band))
-    return max(1, min(tm, m)), max(1, min(tn, n))
+    return max(1, m), max(1, min(n, max(CPU_MIN_TILE_N, -(-n // want))))
 
 
 def cpu_column_block(n: int, threads: int) -> int:

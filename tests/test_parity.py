@@ -7,8 +7,9 @@ import fusedlinear
 from conftest import ACTIVATIONS, check_against_reference, make_inputs
 
 # (leading dims, K, N): 1->1 with B=1; odd small; 3-D and 4-D inputs; tiles with remainders; MNIST.
-SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3), ((64,), 784, 512)]
-IDS = ["1x1->1", "7x13->5", "2x3x13->7", "2x3x4x9->6", "129x130->3", "64x784->512"]
+SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3), ((64,), 784, 512),
+          ((300,), 257, 131)]
+IDS = ["1x1->1", "7x13->5", "2x3x13->7", "2x3x4x9->6", "129x130->3", "64x784->512", "300x257->131"]
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
@@ -128,6 +129,19 @@ def test_bfloat16_falls_back_to_torch_with_a_warning():
     from conftest import reference
 
     torch.testing.assert_close(out, reference(x, w, b, "relu"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_agree(threads):
+    """The tiled (parallel), whole-matrix and single-thread paths compute the same thing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lead in ((40,), (300,)):  # tiles and whole-matrix BLAS calls (kernels.tiling.CPU_WHOLE_MIN_ROWS)
+            x, w, b = make_inputs(lead, 190, 170, torch.float64, seed=threads)
+            check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "silu"), x, w, b, "silu")
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_cpu_calls_are_bitwise_repeatable():
