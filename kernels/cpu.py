@@ -63,29 +63,36 @@ def sigmoid(x):
 
 
 def _generate_elementwise() -> str:
-    """Source of ``_epilogue`` and ``_grad``: one loop nest per activation of the table."""
-    fwd = ["def _epilogue(src, a, bias, r0, r1, c0, c1, act, s):"]
+    """Source of ``_epilogue`` and ``_grad``: one loop nest per activation of the table.
+
+    Rows are walked through 1-D slices indexed from 0: with indices from a run-time start
+    Numba must allow negative (wrap-around) indices and the loop does not vectorise (8x slower
+    for the ReLU epilogue, measured on 1024 x 512 float32)."""
+    fwd = ["def _epilogue(src, a, bias, r0, r1, c0, c1, act, s):", "    b_ = bias[c0:c1]"]
     bwd = ["def _grad(dz, dA, saved, r0, r1, c0, c1, act, s):"]
     for i, act in enumerate(_acts.ACTIVATIONS.values()):
         kw = "if" if i == 0 else "elif"
         fwd += [
             f"    {kw} act == {i}:  # {act.name}",
             "        for i in range(r0, r1):",
-            "            for j in range(c0, c1):",
-            "                z = src[i, j] + bias[j]",
+            "            z_, a_ = src[i, c0:c1], a[i, c0:c1]",
+            "            for j in range(a_.shape[0]):",
+            "                z = z_[j] + b_[j]",
         ]
         if act.saves == "z":  # src is Z's buffer: keep Z for backward
-            fwd.append("                src[i, j] = z")
-        fwd.append(f"                a[i, j] = {act.forward}")
+            fwd.append("                z_[j] = z")
+        fwd.append(f"                a_[j] = {act.forward}")
+        saved = _acts.saved_name(act)
         bwd += [
             f"    {kw} act == {i}:  # {act.name}",
             "        for i in range(r0, r1):",
-            "            for j in range(c0, c1):",
-            "                da = dA[i, j]",
+            "            dz_, da_, v_ = dz[i, c0:c1], dA[i, c0:c1], saved[i, c0:c1]",
+            "            for j in range(dz_.shape[0]):",
+            "                da = da_[j]",
         ]
-        if _acts.saved_name(act):
-            bwd.append(f"                {_acts.saved_name(act)} = saved[i, j]")
-        bwd.append(f"                dz[i, j] = {act.backward}")
+        if saved:
+            bwd.append(f"                {saved} = v_[j]")
+        bwd.append(f"                dz_[j] = {act.backward}")
     return "\n".join(fwd + [""] + bwd) + "\n"
 
 
@@ -158,10 +165,12 @@ def _backward_columns(P, dA, saved, dz, db):
         if stage != 2 and P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
             acc = np.zeros(c1 - c0, np.float64)
             for i in range(M):
-                for j in range(c0, c1):
-                    acc[j - c0] += dz[i, j]
-            for j in range(c0, c1):
-                db[j] = acc[j - c0]
+                row = dz[i, c0:c1]
+                for j in range(acc.shape[0]):
+                    acc[j] += row[j]
+            out = db[c0:c1]
+            for j in range(acc.shape[0]):
+                out[j] = acc[j]
         if stage != 1 and P[P_DW] != 0:
             # dW[c0:c1, :] = (dZ[:, c0:c1])ᵀ @ X
             gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], c1 - c0, K, M,

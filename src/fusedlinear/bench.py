@@ -234,6 +234,7 @@ def run(args) -> list[dict]:
     batches = [int(b) for b in args.batches.split(",")]
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     pooled = {(p, b): [] for p in providers for b in batches}
+    per_round = {(p, b): [] for p in providers for b in batches}  # one median per process
     rss = {p: 0.0 for p in providers}
     for r in range(args.rounds):
         order = providers[r % len(providers):] + providers[:r % len(providers)]
@@ -244,6 +245,7 @@ def run(args) -> list[dict]:
             rss[p] = max(rss[p], out["peak_rss_mib"])
             for res in out["results"]:
                 pooled[(p, res["batch"])] += res["samples"]
+                per_round[(p, res["batch"])].append(_quantiles(res["samples"])[0])
             print(f"  round {r + 1}/{args.rounds}: {p} done", file=sys.stderr, flush=True)
     info = machine_info()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -252,6 +254,10 @@ def run(args) -> list[dict]:
         base = _quantiles(pooled[("eager", b)])[0] if "eager" in providers else None
         for p in providers:
             med, p20, p80 = _quantiles(pooled[(p, b)])
+            # The ratio of each round's medians (the two processes ran back to back), then the median
+            # over rounds: robust to the slow and fast periods a shared VM goes through.
+            paired = ([x / e for x, e in zip(per_round[(p, b)], per_round[("eager", b)])]
+                      if "eager" in providers else [])
             kernel = f"{args.what}" if args.what != "layer" else f"layer_{args.activation}_{shape[0]}x{shape[1]}"
             rows.append({
                 "kernel": kernel, "mode": args.mode if args.what == "layer" else args.what, "provider": p,
@@ -259,6 +265,8 @@ def run(args) -> list[dict]:
                 "samples": len(pooled[(p, b)]),
                 "gflops": flops(args.what, b, *shape, args.mode) / med / 1e9,
                 "ratio_to_eager": (med / base) if base else "",
+                "paired_ratio": _quantiles(paired)[0] if paired else "",
+                "paired_ratio_min": min(paired) if paired else "", "paired_ratio_max": max(paired) if paired else "",
                 "peak_rss_mib": round(rss[p], 1), "timestamp": stamp, **info,
             })
     return rows
@@ -266,11 +274,13 @@ def run(args) -> list[dict]:
 
 def print_table(rows) -> None:
     print(f"{'kernel':24s} {'mode':8s} {'provider':8s} {'batch':>6s} {'median ms':>10s} {'p20-p80 ms':>17s} "
-          f"{'GFLOP/s':>8s} {'/eager':>7s}")
+          f"{'GFLOP/s':>8s} {'/eager':>7s} {'paired /eager (min-max)':>24s}")
     for r in rows:
         ratio = f"{r['ratio_to_eager']:.3f}" if r["ratio_to_eager"] != "" else ""
+        paired = (f"{r['paired_ratio']:.3f} ({r['paired_ratio_min']:.2f}-{r['paired_ratio_max']:.2f})"
+                  if r["paired_ratio"] != "" else "")
         print(f"{r['kernel']:24s} {r['mode']:8s} {r['provider']:8s} {r['batch']:>6d} {r['median_ms']:>10.4f} "
-              f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gflops']:>8.1f} {ratio:>7s}")
+              f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gflops']:>8.1f} {ratio:>7s} {paired:>24s}")
 
 
 def append_csv(path, rows) -> None:
