@@ -6,11 +6,12 @@ What this layer does for the kernels:
   go to BLAS as (address, leading dimension, transposed?) whenever their rows or their columns
   are contiguous (a transposed tensor is read in place); other strides (expanded, stride-0
   rows) are copied first.
-* **BLAS.** Each tile is one single-threaded ``?gemm_`` call. By default that is PyTorch's own
-  MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and ``MKL_Set_Num_Threads_Local``, the
-  per-thread setting), so fused GEMMs run the same code as eager ``nn.Linear``; without MKL
-  (e.g. aarch64 builds) scipy's OpenBLAS, held to one thread. ``FUSEDLINEAR_CPU_BLAS=openblas``
-  forces the latter.
+* **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into PyTorch's own MKL
+  (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and ``MKL_Set_Num_Threads_Local``, the
+  per-thread setting) for small batches, and into scipy's OpenBLAS (held to one thread) from
+  CPU_OPENBLAS_MIN_ROWS rows on, where its per-tile calls measured faster than both MKL tiles
+  and eager PyTorch. ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces one; with MKL forced, large
+  batches use whole-matrix multi-threaded MKL calls instead of tiles (``_whole``).
 * **Threads.** The kernels run as the body of ``GOMP_parallel`` on PyTorch's own OpenMP pool
   (the libgomp PyTorch loaded), with ``torch.get_num_threads()`` threads: one pool for eager
   ops and fused ops, never two spinning side by side. One thread — ``torch.set_num_threads(1)``
@@ -43,33 +44,43 @@ def _kernels():
         from ..kernels import _numba_runtime, cpu
 
         _cpu = cpu
-        if blas_functions()["threads_fn"] == 0:
-            _numba_runtime.limit_scipy_blas_threads()
+        _numba_runtime.limit_scipy_blas_threads()
     return _cpu
 
 
 @functools.lru_cache(maxsize=None)
-def blas_functions() -> dict:
-    """The BLAS the kernels call, as addresses: {"library", "float32", "float64", "threads_fn"}."""
-    choice = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
-    if choice not in ("auto", "mkl", "openblas"):
-        raise ValueError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: use auto, mkl or openblas")
-    if choice in ("auto", "mkl") and torch.backends.mkl.is_available():
+def blas_libraries() -> dict:
+    """The BLAS libraries the kernels can call, by name, as addresses of their ?gemm_ (and, for
+    MKL, of its per-thread thread setter): "mkl" (PyTorch's own, when libtorch_cpu exports it)
+    and "openblas" (scipy's)."""
+    from ..kernels._numba_runtime import scipy_gemm_addresses
+
+    found = {}
+    if torch.backends.mkl.is_available():
         try:
             lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
             address = lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # noqa: E731
-            return {"library": "MKL (PyTorch's)", "float32": address("sgemm_"), "float64": address("dgemm_"),
-                    "threads_fn": address("MKL_Set_Num_Threads_Local")}
+            found["mkl"] = {"library": "MKL (PyTorch's)", "float32": address("sgemm_"),
+                            "float64": address("dgemm_"), "threads_fn": address("MKL_Set_Num_Threads_Local")}
         except (OSError, AttributeError):
-            if choice == "mkl":
-                raise RuntimeError("FUSEDLINEAR_CPU_BLAS=mkl, but libtorch_cpu exports no MKL sgemm_") from None
-    elif choice == "mkl":
-        raise RuntimeError("FUSEDLINEAR_CPU_BLAS=mkl, but this PyTorch is built without MKL")
-    from ..kernels._numba_runtime import scipy_gemm_addresses
-
+            pass
     addresses = scipy_gemm_addresses()
-    return {"library": "OpenBLAS (scipy's)", "float32": addresses["sgemm"], "float64": addresses["dgemm"],
-            "threads_fn": 0}
+    found["openblas"] = {"library": "OpenBLAS (scipy's)", "float32": addresses["sgemm"],
+                         "float64": addresses["dgemm"], "threads_fn": 0}
+    return found
+
+
+def blas_functions(m: int = tiling.CPU_OPENBLAS_MIN_ROWS) -> dict:
+    """The BLAS for a call with ``m`` rows: FUSEDLINEAR_CPU_BLAS (mkl | openblas) if set, else
+    MKL below CPU_OPENBLAS_MIN_ROWS rows and scipy's OpenBLAS from there on (per-tile calls of
+    each measured fastest in its range; kernels/tiling.py)."""
+    libraries = blas_libraries()
+    choice = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
+    if choice == "auto":
+        choice = "mkl" if "mkl" in libraries and m < tiling.CPU_OPENBLAS_MIN_ROWS else "openblas"
+    if choice not in libraries:
+        raise RuntimeError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: available here are {', '.join(libraries)} (or auto)")
+    return libraries[choice]
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +167,7 @@ def _check_dims(*dims: int) -> None:
 def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, tuple]:
     cpu = _kernels()
     p = np.zeros(cpu.N_PARAMS, dtype=np.int64)
-    blas = blas_functions()
+    blas = blas_functions(m)
     one, zero = _SCALARS[dtype]
     xk, ldx, tx = _blas_operand(x.detach())
     wk, ldw, tw = _blas_operand(w.detach())
@@ -175,7 +186,7 @@ def _whole(m: int, work: int) -> bool:
     """Large problems: whole-matrix BLAS calls (MKL's own threads, on PyTorch's pool), then the
     element-wise stages in parallel tiles. Per-tile single-threaded calls each repack the shared
     operand, which costs ~10% at B=1024 against one multi-threaded call (2-core EPYC, MKL)."""
-    return (blas_functions()["threads_fn"] != 0 and torch.get_num_threads() > 1
+    return (blas_functions(m)["threads_fn"] != 0 and torch.get_num_threads() > 1
             and m >= tiling.CPU_WHOLE_MIN_ROWS and work >= tiling.CPU_PARALLEL_MIN_FLOP)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 from numba import carray, cfunc, njit, types
@@ -200,8 +201,28 @@ def _backward_rows(P, item):
 
 
 # ---- entry points: void kernel(void *params), one per phase and dtype ----------------------
+# (Written out per dtype: Numba caches a cfunc only when it is a plain module-level function.)
 
 _SIGNATURE = types.void(types.voidptr)
+
+
+def _cache_available() -> bool:
+    """Whether Numba finds a writable cache location for this file (NUMBA_CACHE_DIR, __pycache__
+    beside it, or the user-wide cache). Without one the kernels still work: they compile in
+    every process (a few seconds), after one warning."""
+    from numba.core.caching import FunctionCache
+
+    try:
+        FunctionCache(_cache_available)
+        return True
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        warnings.warn(f"fusedlinear: no writable Numba cache location ({exc}); the CPU kernels are compiled "
+                      f"in every process. Set NUMBA_CACHE_DIR to a writable directory to cache them.",
+                      RuntimeWarning, stacklevel=2)
+        return False
+
+
+CACHE = _cache_available()
 
 
 @njit(inline="always")
@@ -209,7 +230,7 @@ def _params(data):
     return carray(i64_ptr(address_of(data)), (N_PARAMS,))
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def forward_f32(data):
     P = _params(data)
     M, N = P[P_M], P[P_N]
@@ -218,7 +239,7 @@ def forward_f32(data):
     _forward_tiles(P, a, src, carray(f32_ptr(P[P_BIAS]), (N,)))
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def forward_f64(data):
     P = _params(data)
     M, N = P[P_M], P[P_N]
@@ -227,7 +248,7 @@ def forward_f64(data):
     _forward_tiles(P, a, src, carray(f64_ptr(P[P_BIAS]), (N,)))
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def backward_columns_f32(data):
     P = _params(data)
     M, N = P[P_M], P[P_N]
@@ -236,7 +257,7 @@ def backward_columns_f32(data):
     _backward_columns(P, dA, saved, carray(f32_ptr(P[P_DZ]), (M, N)), carray(f32_ptr(P[P_DB]), (N,)))
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def backward_columns_f64(data):
     P = _params(data)
     M, N = P[P_M], P[P_N]
@@ -245,12 +266,12 @@ def backward_columns_f64(data):
     _backward_columns(P, dA, saved, carray(f64_ptr(P[P_DZ]), (M, N)), carray(f64_ptr(P[P_DB]), (N,)))
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def backward_rows_f32(data):
     _backward_rows(_params(data), 4)
 
 
-@cfunc(_SIGNATURE, cache=True)
+@cfunc(_SIGNATURE, cache=CACHE)
 def backward_rows_f64(data):
     _backward_rows(_params(data), 8)
 

@@ -16,7 +16,13 @@ CPU_MIN_TILE_N = 64
 # Below this many flops a call runs on the calling thread: waking the OpenMP team costs more than
 # it saves (2 MFLOP is ~20 us of single-core sgemm on the 2-core EPYC).
 CPU_PARALLEL_MIN_FLOP = 2_000_000
-# From this many rows on (and with MKL), GEMMs run as whole-matrix multi-threaded calls and only
+# Which BLAS the tiles call (fusedlinear.backend.numba_cpu.blas_functions): PyTorch's MKL below
+# this many rows, scipy's OpenBLAS from here on. Fused Linear+ReLU 784->512 forward+backward over
+# eager PyTorch, per-round paired medians (2-core EPYC, 2026-11-28): B=1 MKL 1.27 / OpenBLAS 2.10,
+# B=32 1.08 / 1.18, B=64 1.07 / 1.07, B=128 1.04 / 1.01, B=256 1.02 (MKL whole) / 0.96,
+# B=1024 1.03 / 0.95.
+CPU_OPENBLAS_MIN_ROWS = 64
+# With MKL forced, from this many rows on GEMMs run as whole-matrix multi-threaded calls and only
 # the element-wise stages are tiled (fusedlinear.backend.numba_cpu._whole).
 CPU_WHOLE_MIN_ROWS = 256
 

@@ -131,9 +131,15 @@ def test_bfloat16_falls_back_to_torch_with_a_warning():
     torch.testing.assert_close(out, reference(x, w, b, "relu"))
 
 
+@pytest.mark.parametrize("blas", ["auto", "mkl", "openblas"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_thread_counts_agree(threads):
-    """The tiled (parallel), whole-matrix and single-thread paths compute the same thing."""
+def test_thread_counts_and_blas_choices_agree(threads, blas, monkeypatch):
+    """The tiled (parallel), whole-matrix and single-thread paths, on either BLAS, compute the same thing."""
+    from fusedlinear.backend import numba_cpu
+
+    if blas == "mkl" and "mkl" not in numba_cpu.blas_libraries():
+        pytest.skip("this PyTorch has no MKL")
+    monkeypatch.setenv("FUSEDLINEAR_CPU_BLAS", blas)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

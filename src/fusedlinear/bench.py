@@ -13,7 +13,8 @@ Benchmarks::
     infer      MNIST inference (no_grad)
     coldstart  a fresh process: import + first call, with an empty and with a warm JIT cache
 
-Providers: ``fused`` (fusedlinear), ``eager`` (nn.Linear + activation module), ``compile``
+Providers: ``fused`` (fusedlinear; ``fused_mkl`` / ``fused_openblas`` force the BLAS its CPU
+kernels call, see FUSEDLINEAR_CPU_BLAS), ``eager`` (nn.Linear + activation module), ``compile``
 (torch.compile of the eager model), ``blas`` (the same GEMMs as bare numpy/OpenBLAS calls: the
 limit, timed in its own processes like every other provider).
 """
@@ -30,7 +31,7 @@ import tempfile
 import time
 
 MNIST_LAYERS = ((784, 512), (512, 512), (512, 10))
-PROVIDERS = ("fused", "eager", "compile", "blas")
+PROVIDERS = ("fused", "fused_openblas", "fused_mkl", "eager", "compile", "blas")
 
 
 # ---- inside a worker process -----------------------------------------------------------------
@@ -161,6 +162,9 @@ def flops(what, batch, k=0, n=0, mode="fwdbwd"):
 
 
 def run_worker(spec: dict) -> dict:
+    if spec["provider"].startswith("fused_"):  # before fusedlinear picks its BLAS
+        os.environ["FUSEDLINEAR_CPU_BLAS"] = spec["provider"].split("_", 1)[1]
+        spec = spec | {"provider": "fused"}
     import torch
 
     results = []

@@ -32,6 +32,9 @@ def _add_train(sub) -> None:
     p.add_argument("--compare", action="store_true", help="train eager and fused from one seed, side by side")
     p.add_argument("--plot", metavar="PATH", help="PNG of the loss and accuracy curves (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train with DistributedDataParallel in N processes (gloo on CPU, nccl on CUDA); "
+                        "--batch-size is then the global batch. Under torchrun the group comes from torchrun.")
 
 
 def _check_device(device: str) -> str:
@@ -61,7 +64,31 @@ def cmd_train(args) -> int:
     print(f"data: {data.source}")
     print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
     progress = not args.no_progress
-    if args.compare:
+    from . import distributed
+
+    if args.nproc < 1:
+        raise SystemExit(f"fusedlinear: --nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 or distributed.under_torchrun():
+        if args.compare:
+            raise SystemExit("fusedlinear: --compare runs in one process; drop --nproc")
+        try:
+            if distributed.under_torchrun():
+                world = int(os.environ["WORLD_SIZE"])
+                distributed.check_batch(cfg.batch_size, world)
+                result = distributed.train_worker(int(os.environ["RANK"]), world, None, data, cfg, False)
+            else:
+                result = distributed.launch(args.nproc, data, cfg)
+        except ValueError as exc:
+            raise SystemExit(f"fusedlinear: {exc}") from None
+        if result is None:  # not rank 0 under torchrun: rank 0 reports and saves
+            return 0
+        summary, state = result
+        model = train.make_model(True, cfg.seed, "cpu")
+        model.load_state_dict(state)
+        histories = [summary["history"] | {"label": f"fused, {summary['processes']} processes"}]
+        print(f"test accuracy {summary['test_accuracy']:.4f}, final loss {summary['final_loss']:.4f}, "
+              f"{summary['samples_per_s']:,.0f} samples/s with {summary['processes']} processes")
+    elif args.compare:
         summary = train.run_compare(data, cfg, progress)
         histories = [summary["history"]["eager"], summary["history"]["fused"]]
         model = None
@@ -78,7 +105,7 @@ def cmd_train(args) -> int:
     if args.json:
         train.save_json(summary, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and histories:
         try:
             train.save_plot(histories, args.plot)
         except RuntimeError as exc:
@@ -113,11 +140,13 @@ def cmd_info(args) -> int:
     forced = os.environ.get(backend.ENV_VAR)
     print(f"forced backend ({backend.ENV_VAR}): {forced or 'none'}")
     from .backend import numba_cpu
+    from .kernels import tiling as numba_tiling
 
     print("threads:")
     print(f"  torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
     print(f"  fused CPU kernels: {numba_cpu.threading_report()}, torch.get_num_threads() threads")
-    print(f"  BLAS per tile: {numba_cpu.blas_functions()['library']}, one thread per call")
+    print(f"  BLAS per tile: {numba_cpu.blas_functions(1)['library']} below "
+          f"{numba_tiling.CPU_OPENBLAS_MIN_ROWS} rows, {numba_cpu.blas_functions()['library']} from there on")
     print("JIT caches:")
     from .kernels import cpu
 
