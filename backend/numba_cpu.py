@@ -164,16 +164,25 @@ def _check_dims(*dims: int) -> None:
                            f"use fusedlinear.use_backend('torch')")
 
 
-def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, tuple]:
+@functools.lru_cache(maxsize=None)
+def _template(dtype, library: str) -> np.ndarray:
+    """The parameter slots that depend only on the dtype and the BLAS library."""
     cpu = _kernels()
-    p = np.zeros(cpu.N_PARAMS, dtype=np.int64)
-    blas = blas_functions(m)
+    blas = blas_libraries()[library]
     one, zero = _SCALARS[dtype]
-    xk, ldx, tx = _blas_operand(x.detach())
-    wk, ldw, tw = _blas_operand(w.detach())
+    p = np.zeros(cpu.N_PARAMS, dtype=np.int64)
     p[cpu.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
     p[cpu.P_BLAS_THREADS] = blas["threads_fn"]
     p[cpu.P_ALPHA], p[cpu.P_BETA] = one.data_ptr(), zero.data_ptr()
+    return p
+
+
+def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, tuple]:
+    cpu = _kernels()
+    blas = blas_functions(m)
+    p = _template(dtype, "mkl" if blas["threads_fn"] else "openblas").copy()
+    xk, ldx, tx = _blas_operand(x.detach())
+    wk, ldw, tw = _blas_operand(w.detach())
     p[cpu.P_X], p[cpu.P_LDX], p[cpu.P_TX] = xk.data_ptr(), ldx, tx
     p[cpu.P_W], p[cpu.P_LDW], p[cpu.P_TW] = wk.data_ptr(), ldw, tw
     p[cpu.P_M], p[cpu.P_N], p[cpu.P_K] = m, n, k
@@ -183,9 +192,9 @@ def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, t
 
 
 def _whole(m: int, work: int) -> bool:
-    """Large problems: whole-matrix BLAS calls (MKL's own threads, on PyTorch's pool), then the
-    element-wise stages in parallel tiles. Per-tile single-threaded calls each repack the shared
-    operand, which costs ~10% at B=1024 against one multi-threaded call (2-core EPYC, MKL)."""
+    """Large problems with MKL forced: whole-matrix BLAS calls (MKL's own threads, on PyTorch's
+    pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
+    each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
     return (blas_functions(m)["threads_fn"] != 0 and torch.get_num_threads() > 1
             and m >= tiling.CPU_WHOLE_MIN_ROWS and work >= tiling.CPU_PARALLEL_MIN_FLOP)
 

@@ -8,6 +8,7 @@ R=results
 mkdir -p "$R"
 fl() { python -m fusedlinear.bench "$@" --csv "$R/cpu.csv"; }
 fl step --providers fused,eager,blas --batches 1,64,256,1024 --rounds 5 --plot "$R/step.png"
+fl step --providers fused_mkl,fused_openblas,eager --batches 1,64,256,1024 --rounds 3
 fl step --providers fused,eager,compile --batches 64,1024 --rounds 2
 fl infer --providers fused,eager --batches 1,64,1024 --rounds 3
 fl layer --shape 784x512 --mode fwdbwd --providers fused,eager,blas --batches 1,16,64,256,1024,4096 --rounds 3 \

@@ -183,3 +183,10 @@ def test_info_runs():
     out = _cli("info")
     assert out.returncode == 0, out.stderr
     assert "numba" in out.stdout and "cpu" in out.stdout and "JIT caches" in out.stdout
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = _cli("train", "--epochs", "2", "--no-progress", "--compare", "--plot", str(tmp_path / "curves.png"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
