@@ -314,7 +314,8 @@ def plot(rows, path) -> None:
             ax1.plot(xs, [r["ratio_to_eager"] for r in mine], marker="o", label=p)
         ax2.plot(xs, [r["gflops"] for r in mine], marker="o", label=p)
     ax1.axhline(1.0, color="grey", lw=0.8)
-    ax1.set(xscale="log", xlabel="batch", ylabel="time / eager time", title=f"{rows[0]['kernel']} {rows[0]['mode']}")
+    title = rows[0]["kernel"] if rows[0]["mode"] == rows[0]["kernel"] else f"{rows[0]['kernel']} {rows[0]['mode']}"
+    ax1.set(xscale="log", xlabel="batch", ylabel="time / eager time", title=title)
     ax2.set(xscale="log", xlabel="batch", ylabel="GFLOP/s", title=rows[0]["machine"][:48])
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
