@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import timing  # noqa: E402
+import fusedlinear
+from fusedlinear.bench import quantiles, machine_info, time_cuda
+from fusedlinear.mnist import NeuralNetwork
 
-import fusedlinear  # noqa: E402
-from fusedlinear.mnist import NeuralNetwork  # noqa: E402
+
+def timed(fn, reps):
+    med, p20, p80 = quantiles(time_cuda(fn, reps=reps))
+    return {"median": med, "p20": p20, "p80": p80}
 
 
 def layer_rows(reps):
@@ -42,7 +44,7 @@ def layer_rows(reps):
         flops = 2 * b * k * n
         for provider, mod in (("eager", eager), ("fused", fused)):
             with torch.no_grad():
-                t = timing.time_cuda(lambda: mod(x), reps=reps)
+                t = timed(lambda: mod(x), reps)
             rows.append({"kernel": "linear_relu_forward", "provider": provider, "B": b, "K": k, "N": n,
                          **t, "tflops": flops / t["median"] / 1e12})
     return rows
@@ -65,7 +67,7 @@ def step_rows(reps):
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
 
-            t = timing.time_cuda(step, reps=reps)
+            t = timed(step, reps)
             rows.append({"kernel": "mnist_train_step", "provider": provider, "B": b, "K": 784, "N": 10, **t,
                          "tflops": 3 * 2 * b * (784 * 512 + 512 * 512 + 512 * 10) / t["median"] / 1e12})
     return rows
@@ -77,7 +79,7 @@ def main():
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args()
     rows = layer_rows(args.reps) + step_rows(args.reps)
-    info = timing.machine() | {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    info = machine_info() | {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
         json.dump({"machine": info, "rows": rows}, f, indent=2)

@@ -192,7 +192,25 @@ def _blas_layer_chain(batch):
 # ---- the parent: processes, rounds, aggregation, CSV, plot ------------------------------------
 
 
-def _quantiles(samples):
+def time_cuda(fn, warmup: int = 10, reps: int = 50) -> list[float]:
+    """Seconds per call of ``fn`` from CUDA events, after warm-up (module load, NVRTC compile)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return samples
+
+
+def quantiles(samples):
     s = sorted(samples)
     pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
     return pick(0.5), pick(0.2), pick(0.8)
@@ -219,6 +237,8 @@ def machine_info() -> dict:
         info["numba"] = numba.__version__
     except ImportError:
         pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
@@ -249,15 +269,15 @@ def run(args) -> list[dict]:
             rss[p] = max(rss[p], out["peak_rss_mib"])
             for res in out["results"]:
                 pooled[(p, res["batch"])] += res["samples"]
-                per_round[(p, res["batch"])].append(_quantiles(res["samples"])[0])
+                per_round[(p, res["batch"])].append(quantiles(res["samples"])[0])
             print(f"  round {r + 1}/{args.rounds}: {p} done", file=sys.stderr, flush=True)
     info = machine_info()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []
     for b in batches:
-        base = _quantiles(pooled[("eager", b)])[0] if "eager" in providers else None
+        base = quantiles(pooled[("eager", b)])[0] if "eager" in providers else None
         for p in providers:
-            med, p20, p80 = _quantiles(pooled[(p, b)])
+            med, p20, p80 = quantiles(pooled[(p, b)])
             # The ratio of each round's medians (the two processes ran back to back), then the median
             # over rounds: robust to the slow and fast periods a shared VM goes through.
             paired = ([x / e for x, e in zip(per_round[(p, b)], per_round[("eager", b)])]
@@ -269,7 +289,7 @@ def run(args) -> list[dict]:
                 "samples": len(pooled[(p, b)]),
                 "gflops": flops(args.what, b, *shape, args.mode) / med / 1e9,
                 "ratio_to_eager": (med / base) if base else "",
-                "paired_ratio": _quantiles(paired)[0] if paired else "",
+                "paired_ratio": quantiles(paired)[0] if paired else "",
                 "paired_ratio_min": min(paired) if paired else "", "paired_ratio_max": max(paired) if paired else "",
                 "peak_rss_mib": round(rss[p], 1), "timestamp": stamp, **info,
             })
@@ -296,6 +316,22 @@ def append_csv(path, rows) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def read_csv(path) -> list[dict]:
+    """Rows written by ``--csv``, numbers as numbers (for plotting them again)."""
+    import csv
+
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ("batch", "samples"):
+                row[key] = int(row[key])
+            for key in ("median_ms", "p20_ms", "p80_ms", "gflops"):
+                row[key] = float(row[key])
+            row["ratio_to_eager"] = float(row["ratio_to_eager"]) if row["ratio_to_eager"] else ""
+            rows.append(row)
+    return rows
 
 
 def plot(rows, path) -> None:
