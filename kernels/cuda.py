@@ -17,6 +17,7 @@ the test suite fails when the checked-in file differs from what the table genera
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -193,7 +194,10 @@ def run_plan(plan: list[Launch], dtype: str, pointers: dict[str, int], device_id
             kernel(launch.grid, launch.block, tuple(convert[kind](v) for kind, v in launch.args))
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot run in this process (None if they can); asked once, so no CUDA
+    call happens inside a stream capture."""
     try:
         import cupy
     except ImportError:
