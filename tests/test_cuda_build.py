@@ -1,7 +1,6 @@
 """The CUDA sources without a GPU: the generated header is current, and nvcc compiles every
 kernel for sm_80 and sm_90 without register spills (the report lists registers and shared memory)."""
 
-import os
 import re
 import shutil
 import subprocess

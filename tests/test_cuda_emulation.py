@@ -3,7 +3,6 @@ CuPy backend launches them, against float64 PyTorch; under ASan+UBSan and under 
 
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,7 +1,6 @@
 """Multi-process training: DDP over gloo with fused layers gives single-process gradients."""
 
 import json
-import os
 import subprocess
 import sys
 

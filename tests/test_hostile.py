@@ -89,7 +89,6 @@ def test_hostile_input(x, w, b, act, slope, exc, pattern):
 
 def _maybe_warns(dtype):
     import contextlib
-    import warnings
 
     from fusedlinear import backend
 

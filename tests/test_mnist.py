@@ -1,6 +1,5 @@
 """The main job: the MNIST model, its data, the IDX loader, convergence and the CLI."""
 
-import gzip
 import json
 import os
 import subprocess
