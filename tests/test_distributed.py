@@ -38,6 +38,21 @@ def test_train_nproc_cli(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "m.pt"), strict=True)
 
 
+@pytest.mark.slow
+def test_train_under_torchrun_matches_nproc(tmp_path):
+    runs = {}
+    for name, cmd in (("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                                    "fusedlinear", "train"]),
+                      ("nproc", [sys.executable, "-m", "fusedlinear", "train", "--nproc", "2"])):
+        out = subprocess.run(cmd + ["--epochs", "1", "--no-progress", "--json", str(tmp_path / f"{name}.json")],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.count("data: bundled MNIST") == 1  # one rank reports
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["torchrun"]["final_loss"] == pytest.approx(runs["nproc"]["final_loss"], rel=1e-6)
+    assert runs["torchrun"]["test_accuracy"] == runs["nproc"]["test_accuracy"]
+
+
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="multiple of --nproc 3"):
         distributed.check_batch(64, 3)

@@ -61,8 +61,9 @@ def cmd_train(args) -> int:
         data = mnist.load_idx_dir(args.data_dir) if args.data_dir else mnist.load_bundled()
     except (ValueError, mnist.IDXError) as exc:
         raise SystemExit(f"fusedlinear: {exc}") from None
-    print(f"data: {data.source}")
-    print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"data: {data.source}")
+        print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
     progress = not args.no_progress
     from . import distributed
 
