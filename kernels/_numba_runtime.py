@@ -33,9 +33,20 @@ def _typed_pointer(dtype):
     return as_pointer
 
 
-f32_ptr = _typed_pointer(types.float32)
 f64_ptr = _typed_pointer(types.float64)
 i64_ptr = _typed_pointer(types.int64)
+
+
+@intrinsic
+def typed_ptr(typingctx, addr, like):
+    """An integer address as a pointer to elements of ``like``'s type (a scalar of the dtype)."""
+    if not (isinstance(addr, types.Integer) and isinstance(like, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(like)))
+
+    return types.CPointer(like)(addr, like), codegen
 
 
 @intrinsic

@@ -39,7 +39,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from . import activations as _acts
-from ._numba_runtime import address, address_of, call_int, f32_ptr, f64_ptr, gemm, i64_ptr
+from ._numba_runtime import address, address_of, call_int, f64_ptr, gemm, i64_ptr, typed_ptr
 
 # The parameter block: int64 slots (P_SLOPE holds a float64's bits).
 # P_STAGE splits a kernel for large problems (see fusedlinear.backend.numba_cpu): forward
@@ -201,7 +201,7 @@ def _backward_rows(P, item):
 
 
 # ---- entry points: void kernel(void *params), one per phase and dtype ----------------------
-# (Written out per dtype: Numba caches a cfunc only when it is a plain module-level function.)
+# (One per dtype: Numba caches a cfunc only when it is a plain module-level function.)
 
 _SIGNATURE = types.void(types.voidptr)
 
@@ -230,40 +230,40 @@ def _params(data):
     return carray(i64_ptr(address_of(data)), (N_PARAMS,))
 
 
+@njit(inline="always")
+def _forward_entry(P, zero):
+    M, N = P[P_M], P[P_N]
+    a = carray(typed_ptr(P[P_A], zero), (M, N))
+    src = carray(typed_ptr(P[P_Z] if P[P_Z] != 0 else P[P_A], zero), (M, N))
+    _forward_tiles(P, a, src, carray(typed_ptr(P[P_BIAS], zero), (N,)))
+
+
+@njit(inline="always")
+def _backward_columns_entry(P, zero):
+    M, N = P[P_M], P[P_N]
+    dA = carray(typed_ptr(P[P_DA], zero), (M, N))
+    saved = carray(typed_ptr(P[P_SAVED] if P[P_SAVED] != 0 else P[P_DA], zero), (M, N))  # identity reads none
+    _backward_columns(P, dA, saved, carray(typed_ptr(P[P_DZ], zero), (M, N)), carray(typed_ptr(P[P_DB], zero), (N,)))
+
+
 @cfunc(_SIGNATURE, cache=CACHE)
 def forward_f32(data):
-    P = _params(data)
-    M, N = P[P_M], P[P_N]
-    a = carray(f32_ptr(P[P_A]), (M, N))
-    src = carray(f32_ptr(P[P_Z] if P[P_Z] != 0 else P[P_A]), (M, N))
-    _forward_tiles(P, a, src, carray(f32_ptr(P[P_BIAS]), (N,)))
+    _forward_entry(_params(data), np.float32(0))
 
 
 @cfunc(_SIGNATURE, cache=CACHE)
 def forward_f64(data):
-    P = _params(data)
-    M, N = P[P_M], P[P_N]
-    a = carray(f64_ptr(P[P_A]), (M, N))
-    src = carray(f64_ptr(P[P_Z] if P[P_Z] != 0 else P[P_A]), (M, N))
-    _forward_tiles(P, a, src, carray(f64_ptr(P[P_BIAS]), (N,)))
+    _forward_entry(_params(data), np.float64(0))
 
 
 @cfunc(_SIGNATURE, cache=CACHE)
 def backward_columns_f32(data):
-    P = _params(data)
-    M, N = P[P_M], P[P_N]
-    dA = carray(f32_ptr(P[P_DA]), (M, N))
-    saved = carray(f32_ptr(P[P_SAVED] if P[P_SAVED] != 0 else P[P_DA]), (M, N))  # identity reads none
-    _backward_columns(P, dA, saved, carray(f32_ptr(P[P_DZ]), (M, N)), carray(f32_ptr(P[P_DB]), (N,)))
+    _backward_columns_entry(_params(data), np.float32(0))
 
 
 @cfunc(_SIGNATURE, cache=CACHE)
 def backward_columns_f64(data):
-    P = _params(data)
-    M, N = P[P_M], P[P_N]
-    dA = carray(f64_ptr(P[P_DA]), (M, N))
-    saved = carray(f64_ptr(P[P_SAVED] if P[P_SAVED] != 0 else P[P_DA]), (M, N))
-    _backward_columns(P, dA, saved, carray(f64_ptr(P[P_DZ]), (M, N)), carray(f64_ptr(P[P_DB]), (N,)))
+    _backward_columns_entry(_params(data), np.float64(0))
 
 
 @cfunc(_SIGNATURE, cache=CACHE)
