@@ -196,7 +196,8 @@ def _whole(m: int, work: int) -> bool:
     pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
     each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
     return (blas_functions(m)["threads_fn"] != 0 and torch.get_num_threads() > 1
-            and m >= tiling.CPU_WHOLE_MIN_ROWS and work >= tiling.CPU_PARALLEL_MIN_FLOP)
+            and m >= tiling.CPU_WHOLE_MIN_ROWS and work >= tiling.CPU_PARALLEL_MIN_FLOP
+            and os.getpid() == _OWNER_PID)  # MKL's own threads are OpenMP too: not in a forked child
 
 
 def forward(x, w, b, activation, slope):
