@@ -18,17 +18,9 @@ import torch
 
 from ..kernels import activations as _acts
 from ..kernels import cuda as _cuda
+from .layout import matrix_operand
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
-
-def _row_major(t: torch.Tensor):
-    rows, cols = t.shape
-    s0, s1 = t.stride()
-    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
-        return t, max(s0 if rows > 1 else cols, cols, 1)
-    t = t.contiguous()
-    return t, cols
 
 
 def _run(plan, dtype, device, pointers):
@@ -42,8 +34,8 @@ def _run(plan, dtype, device, pointers):
 def forward(x, w, b, activation, slope):
     (m, k), n = x.shape, w.shape[0]
     act = _acts.ACTIVATIONS[activation]
-    xk, ldx = _row_major(x.detach())
-    wk, ldw = _row_major(w.detach())
+    xk, ldx, _ = matrix_operand(x.detach(), transposed_ok=False)
+    wk, ldw, _ = matrix_operand(w.detach(), transposed_ok=False)
     a = x.new_empty((m, n))
     z = x.new_empty((m, n)) if act.saves == "z" else x.new_empty(0)
     bias = b.detach().contiguous() if b is not None else None
@@ -57,8 +49,8 @@ def forward(x, w, b, activation, slope):
 
 def backward(grad, saved, x, w, activation, slope, mask):
     (m, k), n = x.shape, w.shape[0]
-    xk, ldx = _row_major(x.detach())
-    wk, ldw = _row_major(w.detach())
+    xk, ldx, _ = matrix_operand(x.detach(), transposed_ok=False)
+    wk, ldw, _ = matrix_operand(w.detach(), transposed_ok=False)
     grad = grad.detach().contiguous()
     saved = saved.detach().contiguous()
     dz = x.new_empty((m, n))

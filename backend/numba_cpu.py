@@ -32,6 +32,7 @@ import torch
 
 from ..kernels import activations as _acts
 from ..kernels import tiling
+from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
 _OWNER_PID = os.getpid()  # OpenMP is not used again in a process forked after the pool started
@@ -146,18 +147,6 @@ def _warn_fork_once():
                       "or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
 
 
-def _blas_operand(t: torch.Tensor):
-    """(tensor kept alive, leading dimension, stored transposed?) for a 2-D tensor."""
-    rows, cols = t.shape
-    s0, s1 = t.stride()
-    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
-        return t, max(s0 if rows > 1 else cols, cols, 1), False
-    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
-        return t, max(s1 if cols > 1 else rows, rows, 1), True
-    t = t.contiguous()
-    return t, cols, False
-
-
 def _check_dims(*dims: int) -> None:
     if max(dims) >= 2**31:
         raise RuntimeError(f"fusedlinear: dimension {max(dims)} exceeds BLAS's 32-bit limit; "
@@ -181,8 +170,8 @@ def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, t
     cpu = _kernels()
     blas = blas_functions(m)
     p = _template(dtype, "mkl" if blas["threads_fn"] else "openblas").copy()
-    xk, ldx, tx = _blas_operand(x.detach())
-    wk, ldw, tw = _blas_operand(w.detach())
+    xk, ldx, tx = matrix_operand(x.detach())
+    wk, ldw, tw = matrix_operand(w.detach())
     p[cpu.P_X], p[cpu.P_LDX], p[cpu.P_TX] = xk.data_ptr(), ldx, tx
     p[cpu.P_W], p[cpu.P_LDW], p[cpu.P_TW] = wk.data_ptr(), ldw, tw
     p[cpu.P_M], p[cpu.P_N], p[cpu.P_K] = m, n, k

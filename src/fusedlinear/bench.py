@@ -88,17 +88,24 @@ def _blas_step(batch):
     return lambda: [f() for f in fns]
 
 
+def _provider_model(provider, eager):
+    """The model a torch provider times, built from the eager one (same weights)."""
+    import torch
+
+    import fusedlinear
+
+    return {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
+            "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
+
+
 def _torch_layer(provider, batch, k, n, activation, mode):
     import torch
     from torch import nn
 
-    import fusedlinear
-
     torch.manual_seed(0)
     linear = nn.Linear(k, n)
     eager = nn.Sequential(linear, _activation_module(activation))
-    model = {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
-             "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
+    model = _provider_model(provider, eager)
     x = torch.randn(batch, k, requires_grad=mode != "forward")
     if provider == "fused":  # validate before timing
         with torch.no_grad():
@@ -127,13 +134,11 @@ def _torch_mnist(provider, batch, train: bool):
     import torch
     from torch import nn
 
-    import fusedlinear
     from fusedlinear.mnist import NeuralNetwork
 
     torch.manual_seed(0)
     eager = NeuralNetwork()
-    model = {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
-             "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
+    model = _provider_model(provider, eager)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     if provider == "fused":
         with torch.no_grad():
