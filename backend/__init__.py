@@ -149,10 +149,20 @@ def implementation(name: str) -> ModuleType:
     return module
 
 
+_chosen: dict[tuple, ModuleType] = {}  # (forced, device type, dtype) -> a kernel module select() chose
+
+
 def _for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
     if x.numel() == 0 or w.numel() == 0:
         return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
-    return implementation(select(x.device, x.dtype))
+    key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
+    module = _chosen.get(key)
+    if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached
+        name = select(x.device, x.dtype)
+        module = implementation(name)
+        if name != "torch" or key[0]:
+            _chosen[key] = module
+    return module
 
 
 def forward(x, w, b, activation: str, slope: float):

@@ -22,12 +22,13 @@ What this layer does for the kernels:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import os
+import struct
 import warnings
 
-import numpy as np
 import torch
 
 from ..kernels import activations as _acts
@@ -35,7 +36,6 @@ from ..kernels import tiling
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
-_OWNER_PID = os.getpid()  # OpenMP is not used again in a process forked after the pool started
 _pool_started = False
 
 
@@ -108,31 +108,43 @@ def threading_report() -> str:
             else "no OpenMP runtime found: single-threaded kernels")
 
 
-_SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in (torch.float32, torch.float64)}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
-_direct: dict[int, object] = {}
+_SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in _DTYPE_NAMES}
 
 
-def _launch(name: str, dtype, params: np.ndarray, work: int) -> None:
-    """Run kernel ``name`` on ``params``: on PyTorch's pool when that pays, else on this thread."""
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+_forked = False  # in a process forked after the OpenMP pool started, OpenMP is not used again
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.lru_cache(maxsize=None)
+def _entry(name: str, dtype) -> tuple[int, object]:
+    """(address, ctypes callable) of kernel ``name`` for ``dtype``."""
+    address = _kernels().KERNELS[(name, _DTYPE_NAMES[dtype])].address
+    return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+
+
+def _launch(name: str, dtype, params: array.array, parallel: bool) -> None:
+    """Run kernel ``name`` on ``params``: on PyTorch's pool when ``parallel`` and more than one
+    thread is set, else on this thread."""
     global _pool_started
-    kernel = _kernels().KERNELS[(name, _DTYPE_NAMES[dtype])]
-    threads = torch.get_num_threads() if work >= tiling.CPU_PARALLEL_MIN_FLOP else 1
-    omp = openmp()
-    forked = os.getpid() != _OWNER_PID
-    if threads > 1 and omp is not None and not (forked and _pool_started):
-        if not forked:
+    address, call = _entry(name, dtype)
+    threads = torch.get_num_threads() if parallel else 1
+    if threads > 1:
+        omp = openmp()
+        if omp is not None and not (_forked and _pool_started):
             _pool_started = True
-        params[0], params[1] = omp["thread_num"], omp["num_threads"]
-        omp["parallel"](kernel.address, params.ctypes.data, threads, 0)
-        return
-    if threads > 1 and forked and _pool_started:
-        _warn_fork_once()
+            params[0], params[1] = omp["thread_num"], omp["num_threads"]
+            omp["parallel"](address, params.buffer_info()[0], threads, 0)
+            return
+        if _forked and _pool_started:
+            _warn_fork_once()
     params[0] = params[1] = 0
-    call = _direct.get(kernel.address)
-    if call is None:
-        call = _direct[kernel.address] = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(kernel.address)
-    call(params.ctypes.data)
+    call(params.buffer_info()[0])
 
 
 _fork_warned = False
@@ -154,74 +166,88 @@ def _check_dims(*dims: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _template(dtype, library: str) -> np.ndarray:
+def _template(dtype, library: str) -> tuple[int, ...]:
     """The parameter slots that depend only on the dtype and the BLAS library."""
     cpu = _kernels()
     blas = blas_libraries()[library]
     one, zero = _SCALARS[dtype]
-    p = np.zeros(cpu.N_PARAMS, dtype=np.int64)
+    p = [0] * cpu.N_PARAMS
     p[cpu.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
     p[cpu.P_BLAS_THREADS] = blas["threads_fn"]
     p[cpu.P_ALPHA], p[cpu.P_BETA] = one.data_ptr(), zero.data_ptr()
-    return p
+    return tuple(p)
 
 
-def _base_params(dtype, x, w, m, n, k, activation, slope) -> tuple[np.ndarray, tuple]:
+@functools.lru_cache(maxsize=None)
+def _activation_slots(activation: str, slope: float) -> tuple[int, int, bool]:
+    """(activation id, the slope's float64 bits as an int64, keeps Z?)."""
+    return (_acts.ACTIVATION_IDS[activation], struct.unpack("<q", struct.pack("<d", slope))[0],
+            _acts.ACTIVATIONS[activation].saves == "z")
+
+
+def _base_params(x, w, m, n, k, activation, slope) -> tuple[array.array, tuple, bool, bool]:
+    """The parameter block with everything forward and backward share filled in, the tensors its
+    addresses point into (kept alive by the caller), whether MKL was chosen, and whether Z is kept."""
     cpu = _kernels()
     blas = blas_functions(m)
-    p = _template(dtype, "mkl" if blas["threads_fn"] else "openblas").copy()
-    xk, ldx, tx = matrix_operand(x.detach())
-    wk, ldw, tw = matrix_operand(w.detach())
+    mkl = blas["threads_fn"] != 0
+    p = array.array("q", _template(x.dtype, "mkl" if mkl else "openblas"))
+    xk, ldx, tx = matrix_operand(x)
+    wk, ldw, tw = matrix_operand(w)
+    _check_dims(m, n, k, ldx, ldw)
     p[cpu.P_X], p[cpu.P_LDX], p[cpu.P_TX] = xk.data_ptr(), ldx, tx
     p[cpu.P_W], p[cpu.P_LDW], p[cpu.P_TW] = wk.data_ptr(), ldw, tw
     p[cpu.P_M], p[cpu.P_N], p[cpu.P_K] = m, n, k
-    p[cpu.P_ACT] = _acts.ACTIVATION_IDS[activation]
-    p.view(np.float64)[cpu.P_SLOPE] = slope
-    return p, (xk, wk)  # the tensors the addresses point into, kept alive by the caller
+    p[cpu.P_ACT], p[cpu.P_SLOPE], keeps_z = _activation_slots(activation, slope)
+    return p, (xk, wk), mkl, keeps_z
 
 
-def _whole(m: int, work: int) -> bool:
+def _parallel(m: int, n: int, k: int, itemsize: int) -> bool:
+    """Whether a call is worth PyTorch's thread team: enough flops, or a weight too large for one
+    core's cache (at batch 1 the call is a memory-bound GEMV, and two cores stream it faster)."""
+    return 2 * m * n * k >= tiling.CPU_PARALLEL_MIN_FLOP or n * k * itemsize >= tiling.CPU_PARALLEL_MIN_WEIGHT_BYTES
+
+
+def _whole(mkl: bool, m: int, parallel: bool) -> bool:
     """Large problems with MKL forced: whole-matrix BLAS calls (MKL's own threads, on PyTorch's
     pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
     each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
-    return (blas_functions(m)["threads_fn"] != 0 and torch.get_num_threads() > 1
-            and m >= tiling.CPU_WHOLE_MIN_ROWS and work >= tiling.CPU_PARALLEL_MIN_FLOP
-            and os.getpid() == _OWNER_PID)  # MKL's own threads are OpenMP too: not in a forked child
+    return (mkl and parallel and m >= tiling.CPU_WHOLE_MIN_ROWS and torch.get_num_threads() > 1
+            and not _forked)  # MKL's own threads are OpenMP too: not in a forked child
 
 
 def forward(x, w, b, activation, slope):
+    """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
     (m, k), n = x.shape, w.shape[0]
-    _check_dims(m, n, k, *x.stride(), *w.stride())
     cpu = _kernels()
-    act = _acts.ACTIVATIONS[activation]
+    p, keep, mkl, keeps_z = _base_params(x, w, m, n, k, activation, slope)
     a = x.new_empty((m, n))
-    z = x.new_empty((m, n)) if act.saves == "z" else x.new_empty(0)
-    bias = b.detach().contiguous() if b is not None else x.new_zeros(n)
-    p, keep = _base_params(x.dtype, x, w, m, n, k, activation, slope)
+    z = x.new_empty((m, n) if keeps_z else 0)
+    bias = b.contiguous() if b is not None else x.new_zeros(n)
     p[cpu.P_BIAS], p[cpu.P_A] = bias.data_ptr(), a.data_ptr()
-    p[cpu.P_Z] = z.data_ptr() if act.saves == "z" else 0
+    p[cpu.P_Z] = z.data_ptr() if keeps_z else 0
     threads = torch.get_num_threads()
-    work = 2 * m * n * k
-    if _whole(m, work):
+    parallel = _parallel(m, n, k, x.element_size())
+    if _whole(mkl, m, parallel):
         p[cpu.P_TM], p[cpu.P_TN], p[cpu.P_WHOLE], p[cpu.P_STAGE] = m, n, 1, 1
-        _launch("forward", x.dtype, p, 0)  # one multi-threaded GEMM
+        _launch("forward", x.dtype, p, False)  # one multi-threaded GEMM
         p[cpu.P_WHOLE], p[cpu.P_STAGE] = 0, 2
     p[cpu.P_TM], p[cpu.P_TN] = tiling.cpu_tiles(m, n, threads)
-    _launch("forward", x.dtype, p, work)
+    _launch("forward", x.dtype, p, parallel)
     return a, z
 
 
 def backward(grad, saved, x, w, activation, slope, mask):
+    """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
     (m, k), n = x.shape, w.shape[0]
-    _check_dims(m, n, k, *x.stride(), *w.stride())
     cpu = _kernels()
-    grad = grad.detach().contiguous()
-    saved = saved.detach().contiguous()
+    p, keep, mkl, _ = _base_params(x, w, m, n, k, activation, slope)
+    grad = grad.contiguous()
+    saved = saved.contiguous()
     dz = x.new_empty((m, n))
-    dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
-    dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
-    db = x.new_empty(n) if mask[2] else x.new_empty(0)
-    p, keep = _base_params(x.dtype, x, w, m, n, k, activation, slope)
+    dx = x.new_empty((m, k) if mask[0] else 0)
+    dw = x.new_empty((n, k) if mask[1] else 0)
+    db = x.new_empty(n if mask[2] else 0)
     p[cpu.P_DA] = grad.data_ptr()
     p[cpu.P_SAVED] = saved.data_ptr() if saved.numel() else 0
     p[cpu.P_DZ] = dz.data_ptr()
@@ -229,22 +255,22 @@ def backward(grad, saved, x, w, activation, slope, mask):
     p[cpu.P_DW] = dw.data_ptr() if mask[1] else 0
     p[cpu.P_DB] = db.data_ptr() if mask[2] else 0
     threads = torch.get_num_threads()
-    work = 2 * m * n * k
+    parallel = _parallel(m, n, k, x.element_size())
     p[cpu.P_CB] = tiling.cpu_column_block(n, threads)
-    if _whole(m, work):
+    if _whole(mkl, m, parallel):
         p[cpu.P_STAGE] = 1  # dZ and db in parallel column blocks ...
-        _launch("backward_columns", x.dtype, p, work)
+        _launch("backward_columns", x.dtype, p, True)
         p[cpu.P_WHOLE], p[cpu.P_STAGE], p[cpu.P_CB] = 1, 2, n  # ... then dW and dX as whole GEMMs
         if mask[1]:
-            _launch("backward_columns", x.dtype, p, 0)
+            _launch("backward_columns", x.dtype, p, False)
         if mask[0]:
             p[cpu.P_TM], p[cpu.P_TK] = m, k
-            _launch("backward_rows", x.dtype, p, 0)
+            _launch("backward_rows", x.dtype, p, False)
         return dx, dw, db
-    _launch("backward_columns", x.dtype, p, work * mask[1] + m * n)
+    _launch("backward_columns", x.dtype, p, parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
     if mask[0]:
         p[cpu.P_TM], p[cpu.P_TK] = tiling.cpu_tiles(m, k, threads)
-        _launch("backward_rows", x.dtype, p, work)
+        _launch("backward_rows", x.dtype, p, parallel)
     return dx, dw, db
 
 

@@ -16,6 +16,11 @@ CPU_MIN_TILE_N = 64
 # Below this many flops a call runs on the calling thread: waking the OpenMP team costs more than
 # it saves (2 MFLOP is ~20 us of single-core sgemm on the 2-core EPYC).
 CPU_PARALLEL_MIN_FLOP = 2_000_000
+# ... unless the weight is larger than this: then even a batch-1 call (a memory-bound GEMV) runs
+# on the team, since two cores stream a weight faster than one. Fused 784->512 at batch 1, one
+# thread / two: forward 30 / 21 us, backward 57 / 40 us; at 256 KiB (256x256) 13.3 / 12.8 us;
+# at 128 KiB (128x256) one thread is faster (2-core EPYC, float32, 2026-11-28).
+CPU_PARALLEL_MIN_WEIGHT_BYTES = 256 * 1024
 # Which BLAS the tiles call (fusedlinear.backend.numba_cpu.blas_functions): PyTorch's MKL below
 # this many rows, scipy's OpenBLAS from here on. Fused Linear+ReLU 784->512 forward+backward over
 # eager PyTorch, per-round paired medians (2-core EPYC, 2026-11-28): B=1 MKL 1.27 / OpenBLAS 2.10,
