@@ -90,3 +90,21 @@ def test_mnist_model_trains_on_gpu():
     model, summary = train.run_training(data, cfg, progress=False)
     assert summary["backend"] == "cupy"
     assert summary["test_accuracy"] > 0.94
+
+
+def test_fused_sequential_chain_on_gpu_matches_cpu():
+    import copy
+
+    torch.manual_seed(0)
+    cpu = fusedlinear.fuse(nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17), nn.GELU(),
+                                         nn.Linear(17, 5))).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(19, 33, dtype=torch.float64)
+    outs = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        out = model(x.to(device))
+        out.square().sum().backward()
+        outs.append(out.cpu())
+    torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float64])
+    for p, q in zip(gpu.parameters(), cpu.parameters()):
+        torch.testing.assert_close(p.grad.cpu(), q.grad, **TOL[torch.float64])

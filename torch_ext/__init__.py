@@ -8,12 +8,13 @@ from .modules import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedSequential,
     fuse,
     unfuse,
 )
-from .ops import FusedLinearFunction, fused_linear
+from .ops import FusedChainFunction, FusedLinearFunction, fused_chain, fused_linear
 
 __all__ = [
     "FusedLinear", "FusedLinearGELU", "FusedLinearLeakyReLU", "FusedLinearReLU", "FusedLinearSigmoid",
-    "FusedLinearSiLU", "FusedLinearTanh", "FusedLinearFunction", "fused_linear", "fuse", "unfuse",
+    "FusedLinearSiLU", "FusedLinearTanh", "FusedSequential", "FusedChainFunction", "FusedLinearFunction", "fused_chain", "fused_linear", "fuse", "unfuse",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import activations as _acts
-from .ops import fused_linear
+from .ops import fused_chain, fused_linear
 
 
 class FusedLinear(nn.Module):
@@ -204,6 +204,45 @@ def _fused_for(linear: nn.Linear, act: nn.Module) -> FusedLinear | None:
     return layer
 
 
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` that runs each run of two or more linear layers in it (fused layers
+    and plain ``nn.Linear``, with the ``nn.Identity`` placeholders :func:`fuse` leaves between
+    them) as one :func:`fused_chain` call: one autograd node for the whole run instead of one per
+    layer. Values and gradients are those of calling the modules one by one; the other modules
+    (``nn.Flatten``, dropout, ...) and any layer with a hook registered on it run as usual.
+
+    :func:`fuse` turns each plain ``nn.Sequential`` it fuses into one; the modules and their
+    ``state_dict`` keys stay as they were."""
+
+    def forward(self, input):
+        run = []
+        for module in self._modules.values():
+            if _chainable(module):
+                if type(module) is not nn.Identity:
+                    run.append(module)
+                continue
+            input = _run(run, input)
+            run = []
+            input = module(input)
+        return _run(run, input)
+
+
+def _chainable(module: nn.Module) -> bool:
+    return (type(module) in (nn.Linear, nn.Identity) or isinstance(module, FusedLinear)) and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _run(layers: list, input):
+    if not layers:
+        return input
+    if len(layers) == 1 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        for layer in layers:
+            input = layer(input)
+        return input
+    return fused_chain(input, [(m.weight, m.bias, getattr(m, "activation", "identity"),
+                                getattr(m, "negative_slope", 0.0)) for m in layers])
+
+
 def _sequentials(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, nn.Sequential)]
 
@@ -211,8 +250,10 @@ def _sequentials(model: nn.Module):
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace, in every ``nn.Sequential`` of ``model`` (nested ones included), each ``nn.Linear``
     directly followed by ``nn.ReLU/Sigmoid/Tanh/GELU/SiLU/LeakyReLU`` with the matching fused layer,
-    and the activation with ``nn.Identity``. State-dict keys are unchanged, so checkpoints load
-    both ways with ``strict=True``. Returns a deep copy unless ``inplace=True``.
+    and the activation with ``nn.Identity``; a plain ``nn.Sequential`` that now holds fused layers
+    becomes a :class:`FusedSequential` (runs of linear layers in one autograd node). State-dict
+    keys are unchanged, so checkpoints load both ways with ``strict=True``. Returns a deep copy
+    unless ``inplace=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
@@ -226,6 +267,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                 if fused is not None:
                     seq._modules[first] = fused
                     seq._modules[second] = nn.Identity()
+        if type(seq) is nn.Sequential and any(isinstance(m, FusedLinear) for m in seq._modules.values()):
+            seq.__class__ = FusedSequential  # same modules and keys; one autograd node per run of layers
     return model
 
 
@@ -254,6 +297,9 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
             raise ValueError(f"unfuse: fused layer {name!r} is not inside an nn.Sequential; replace it by hand")
     if not inplace:
         return unfuse(copy.deepcopy(model), inplace=True)
+    for seq in _sequentials(model):
+        if type(seq) is FusedSequential:
+            seq.__class__ = nn.Sequential
     for seq, name, after in plan:
         layer = seq._modules[name]
         seq._modules[name] = layer.to_linear()

@@ -109,47 +109,55 @@ def _name(t) -> str:
     return f"{type(t).__name__}" if not isinstance(t, torch.Tensor) else f"Tensor{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
-def _check(input, weight, bias, activation, negative_slope) -> None:
-    """Validation at the public entry point; the messages name the bad value and the fix."""
+def _check(input, weight, bias, activation, negative_slope, features=None, where="") -> None:
+    """Validation at the public entry point; the messages name the bad value and the fix.
+    ``features``: the input's last dimension where it is not ``input``'s (a later layer of a chain),
+    ``where``: which layer of a chain, for the messages."""
     for label, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fused_linear: {label} must be a torch.Tensor, got {_name(t)}")
+            raise TypeError(f"fused_linear: {where}{label} must be a torch.Tensor, got {_name(t)}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"fused_linear: bias must be a torch.Tensor or None, got {_name(bias)}")
+        raise TypeError(f"fused_linear: {where}bias must be a torch.Tensor or None, got {_name(bias)}")
     for label, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and (not t.is_floating_point() or t.is_complex()):
             raise TypeError(
-                f"fused_linear: {label} has dtype {t.dtype}; a real floating dtype is needed "
+                f"fused_linear: {where}{label} has dtype {t.dtype}; a real floating dtype is needed "
                 f"(convert with {label}.float() or {label}.double())"
             )
     for label, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != input.dtype:
             raise TypeError(
-                f"fused_linear: input is {input.dtype} but {label} is {t.dtype}; "
+                f"fused_linear: {where}input is {input.dtype} but {label} is {t.dtype}; "
                 f"cast one to match (e.g. input.to({label}.dtype) or model.to({input.dtype}))"
             )
         if t is not None and t.device != input.device:
             raise RuntimeError(
-                f"fused_linear: input is on {input.device} but {label} is on {t.device}; "
+                f"fused_linear: {where}input is on {input.device} but {label} is on {t.device}; "
                 f"move them to one device (e.g. input.to({label}.device))"
             )
     if weight.dim() != 2:
-        raise ValueError(f"fused_linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(f"fused_linear: {where}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() == 0:
         raise ValueError("fused_linear: input must have at least 1 dimension (*, in_features), got a 0-d tensor")
-    if input.shape[-1] != weight.shape[1]:
+    if features is not None and features != weight.shape[1]:
         raise ValueError(
-            f"fused_linear: input's last dimension is {input.shape[-1]} (input shape {tuple(input.shape)}) but "
+            f"fused_linear: {where}its input has {features} features (the layer before has out_features="
+            f"{features}) but weight {tuple(weight.shape)} expects in_features={weight.shape[1]}; "
+            f"build the layer with in_features={features}"
+        )
+    if features is None and input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear: {where}input's last dimension is {input.shape[-1]} (input shape {tuple(input.shape)}) but "
             f"weight {tuple(weight.shape)} expects in_features={weight.shape[1]}; reshape the input or "
             f"build the layer with in_features={input.shape[-1]}"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(
-            f"fused_linear: bias must have shape ({weight.shape[0]},) = (out_features,), got {tuple(bias.shape)}"
+            f"fused_linear: {where}bias must have shape ({weight.shape[0]},) = (out_features,), got {tuple(bias.shape)}"
         )
     _acts.check_activation(activation)
     if not isinstance(negative_slope, numbers.Real) or isinstance(negative_slope, bool):
-        raise TypeError(f"fused_linear: negative_slope must be a real number, got {negative_slope!r}")
+        raise TypeError(f"fused_linear: {where}negative_slope must be a real number, got {negative_slope!r}")
 
 
 def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.01):
@@ -176,3 +184,78 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
         input.reshape(lead.numel(), weight.shape[1]), weight, bias, activation, float(negative_slope)
     )
     return a.reshape(*lead, weight.shape[0])
+
+
+class FusedChainFunction(torch.autograd.Function):
+    """Fused layers applied one after another, as one autograd node::
+
+        h_0 = input,   h_{i+1} = g_i(h_i W_iᵀ + b_i),   output = h_L
+
+    Forward and backward are the same kernel calls as :class:`FusedLinearFunction`, layer by
+    layer (backward from the last layer to the first, each layer's dX the dA of the one before);
+    one node instead of L saves the per-layer autograd and Python overhead, which at small
+    batches is most of a layer's time. ``spec`` holds (activation, slope, has bias) per layer;
+    ``params`` the weights and biases, in order. Use :func:`fused_chain`."""
+
+    @staticmethod
+    def forward(ctx, input, spec, *params):
+        direct = _direct(input)
+        op = backend.forward if direct else torch.ops.fusedlinear.linear_act
+        h, keep, i = input, [], 0
+        for activation, slope, has_bias in spec:
+            weight, bias = params[i], (params[i + 1] if has_bias else None)
+            i += 1 + has_bias
+            a, z = op(h, weight, bias, activation, slope)
+            keep += [h, a if _acts.ACTIVATIONS[activation].saves == "a" else z]
+            h = a
+        ctx.save_for_backward(*keep, *params)
+        ctx.spec = spec
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
+                "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
+            )
+        spec, needs = ctx.spec, ctx.needs_input_grad
+        saved = ctx.saved_tensors
+        op = backend.backward if _direct(grad) else torch.ops.fusedlinear.linear_act_backward
+        params = saved[2 * len(spec):]
+        grads = [None] * len(params)
+        i = len(params)
+        for layer in range(len(spec) - 1, -1, -1):
+            activation, slope, has_bias = spec[layer]
+            i -= 1 + has_bias
+            earlier = needs[0] or any(needs[2:2 + i])  # does anything before this layer need a gradient?
+            mask = [earlier, needs[2 + i], has_bias and needs[3 + i]]
+            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], params[i], activation, slope, mask)
+            grads[i] = dw if mask[1] else None
+            if has_bias:
+                grads[i + 1] = db if mask[2] else None
+            if not earlier:
+                break
+            grad = dx
+        return (grad if needs[0] else None), None, *grads
+
+
+def fused_chain(input, layers):
+    r"""Applies fused layers one after another, ``h = act_i(h @ W_i.T + b_i)``, as one autograd node.
+
+    ``layers``: a sequence of ``(weight, bias or None, activation, negative_slope)``. Equal to
+    calling :func:`fused_linear` layer by layer, values and gradients alike; faster at small
+    batches, where each autograd node's own overhead is a large part of a layer's time.
+    :class:`FusedSequential` calls this for its runs of linear layers.
+    """
+    spec, params, features = [], [], None
+    for n, (weight, bias, activation, slope) in enumerate(layers):
+        _check(input, weight, bias, activation, slope, features, f"layer {n}: " if n else "")
+        features = weight.shape[0]  # the next layer's input has out_features columns
+        spec.append((activation, float(slope), bias is not None))
+        params += [weight] if bias is None else [weight, bias]
+    if input.dim() == 2:
+        return FusedChainFunction.apply(input, tuple(spec), *params)
+    lead = input.shape[:-1]
+    out = FusedChainFunction.apply(input.reshape(lead.numel(), input.shape[-1]), tuple(spec), *params)
+    return out.reshape(*lead, out.shape[-1])

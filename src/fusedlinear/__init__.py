@@ -16,7 +16,9 @@ from .torch_ext import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedSequential,
     fuse,
+    fused_chain,
     fused_linear,
     unfuse,
 )
@@ -25,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "FusedLinear", "FusedLinearFunction", "FusedLinearGELU", "FusedLinearLeakyReLU",
-    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "available_backends",
-    "fuse", "fused_linear", "unfuse", "use_backend", "__version__",
+    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedSequential",
+    "available_backends", "fuse", "fused_chain", "fused_linear", "unfuse", "use_backend", "__version__",
 ]

@@ -1,0 +1,152 @@
+"""fused_chain / FusedSequential: several layers as one autograd node, equal to layer-by-layer
+calls and to plain PyTorch in float64, output and every gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedlinear
+from conftest import ACTIVATIONS, TOL, assert_close, make_inputs, reference
+from fusedlinear import FusedLinearReLU, FusedSequential
+
+
+def _layers(widths, activations, dtype, bias=True, seed=0):
+    layers = []
+    for i, (k, n) in enumerate(zip(widths, widths[1:])):
+        _, w, b = make_inputs((1,), k, n, dtype, bias=bias, seed=seed + i)
+        layers.append((w, b, activations[i % len(activations)], 0.2))
+    return layers
+
+
+def _check_chain(x, layers, needs=None):
+    """fused_chain against the float64 reference, layer by layer; every gradient that is asked for."""
+    dtype = x.dtype
+    needs = needs or [True] * (1 + 2 * len(layers))
+    leaves = [x] + [t for w, b, _, _ in layers for t in (w, b)]
+    got = [t.detach().clone().requires_grad_(need) if t is not None else None for t, need in zip(leaves, needs)]
+    ref = [t.detach().double().requires_grad_(need) if t is not None else None for t, need in zip(leaves, needs)]
+    out = fusedlinear.fused_chain(got[0], [(got[1 + 2 * i], got[2 + 2 * i], act, s)
+                                           for i, (_, _, act, s) in enumerate(layers)])
+    h = ref[0]
+    for i, (_, _, act, s) in enumerate(layers):
+        h = reference(h, ref[1 + 2 * i], ref[2 + 2 * i], act, s)
+    assert_close(out, h, dtype, "output")
+    if not any(needs):
+        return
+    grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(grad.to(dtype))
+    h.backward(grad)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if g is None:
+            continue
+        if r.requires_grad:
+            assert_close(g.grad, r.grad, dtype, f"gradient of leaf {i}")
+        else:
+            assert g.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("widths,lead", [((13, 1, 7), (5,)), ((37, 65, 3, 129), (2, 3)), ((784, 512, 512, 10), (17,))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chain_matches_pytorch_float64(widths, lead, dtype, bias):
+    for first in range(0, len(ACTIVATIONS), len(widths) - 1):  # every activation somewhere in a chain
+        acts = [ACTIVATIONS[(first + i) % len(ACTIVATIONS)] for i in range(len(widths) - 1)]
+        x, _, _ = make_inputs(lead, widths[0], 1, dtype, seed=9)
+        _check_chain(x, _layers(widths, acts, dtype, bias=bias, seed=first))
+
+
+@pytest.mark.parametrize("needs", [
+    [False, True, True, True, True, True, True],     # input needs none (the MNIST case)
+    [True, False, False, True, True, False, False],  # frozen first and last layers
+    [False, False, False, False, False, True, True],  # only the last layer: backward stops early
+    [True, True, True, False, False, False, False],
+])
+def test_chain_requires_grad_subsets(needs):
+    x, _, _ = make_inputs((11,), 9, 1, torch.float64)
+    _check_chain(x, _layers((9, 8, 7, 5), ["relu", "gelu", "identity"], torch.float64), needs)
+
+
+def test_chain_gradcheck():
+    x, _, _ = make_inputs((4,), 5, 1, torch.float64)
+    layers = _layers((5, 6, 3), ["tanh", "silu"], torch.float64)
+    leaves = [x.requires_grad_()] + [t.requires_grad_() for w, b, _, _ in layers for t in (w, b)]
+
+    def fn(x, w0, b0, w1, b1):
+        return fusedlinear.fused_chain(x, [(w0, b0, "tanh", 0.0), (w1, b1, "silu", 0.0)])
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_chain_refuses_double_backward():
+    x, _, _ = make_inputs((3,), 4, 1, torch.float64)
+    x.requires_grad_()
+    out = fusedlinear.fused_chain(x, _layers((4, 3, 2), ["relu"], torch.float64))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_chain_error_names_the_layer():
+    x = torch.randn(2, 4)
+    layers = [(torch.randn(3, 4), None, "relu", 0.0), (torch.randn(2, 5), None, "relu", 0.0)]
+    with pytest.raises(ValueError, match="layer 1: its input has 3 features.*in_features=5.*in_features=3"):
+        fusedlinear.fused_chain(x, layers)
+    with pytest.raises(TypeError, match="layer 1: input is torch.float32 but weight is torch.float64"):
+        fusedlinear.fused_chain(x, [layers[0], (torch.randn(2, 3, dtype=torch.float64), None, "relu", 0.0)])
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Dropout(0.0), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 3)).to(dtype)
+
+
+def test_fuse_makes_a_fused_sequential_with_the_same_keys_values_and_gradients():
+    eager = _mlp(torch.float64)
+    fused = fusedlinear.fuse(eager)
+    assert type(fused) is FusedSequential and type(eager) is nn.Sequential
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    for model in (eager, fused):
+        model.zero_grad()
+        model(x).square().sum().backward()
+    torch.testing.assert_close(fused(x), eager(x), **TOL[torch.float64])
+    for p, q in zip(fused.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64])
+    plain = fusedlinear.unfuse(fused)
+    assert type(plain) is nn.Sequential and list(plain.state_dict()) == list(eager.state_dict())
+
+
+def test_fused_sequential_runs_each_run_of_layers_as_one_node():
+    fused = fusedlinear.fuse(_mlp())
+    out = fused(torch.randn(4, 20))
+    nodes, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    # Linear+ReLU, Linear+Tanh | Dropout | Linear+GELU, Linear: two chains
+    assert nodes.count("FusedChainFunctionBackward") == 2, nodes
+    assert "FusedLinearFunctionBackward" not in nodes
+
+
+def test_a_hook_on_a_layer_still_fires():
+    fused = fusedlinear.fuse(_mlp())
+    calls = []
+    fused[3].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    x = torch.randn(4, 20)
+    out = fused(x)
+    assert calls == [torch.Size([4, 16])]
+    torch.testing.assert_close(out, _mlp()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hand_built_fused_sequential():
+    torch.manual_seed(0)
+    model = FusedSequential(FusedLinearReLU(7, 5), nn.Linear(5, 2))
+    eager = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 2))
+    eager[0].load_state_dict(model[0].state_dict())
+    eager[2].load_state_dict(model[1].state_dict())
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(model(x), eager(x), atol=1e-5, rtol=1e-5)
