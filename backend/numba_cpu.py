@@ -53,8 +53,8 @@ def _kernels():
 def blas_libraries() -> dict:
     """The BLAS libraries the kernels can call, by name, as addresses of their ?gemm_ (and, for
     MKL, of its per-thread thread setter): "mkl" (PyTorch's own, when libtorch_cpu exports it)
-    and "openblas" (scipy's)."""
-    from ..kernels._numba_runtime import scipy_gemm_addresses
+    and "openblas" (scipy's, with the kernel family it runs: ``core``)."""
+    from ..kernels._numba_runtime import scipy_gemm_addresses, scipy_openblas_core
 
     found = {}
     if torch.backends.mkl.is_available():
@@ -66,19 +66,22 @@ def blas_libraries() -> dict:
         except (OSError, AttributeError):
             pass
     addresses = scipy_gemm_addresses()
-    found["openblas"] = {"library": "OpenBLAS (scipy's)", "float32": addresses["sgemm"],
-                         "float64": addresses["dgemm"], "threads_fn": 0}
+    core = scipy_openblas_core()
+    found["openblas"] = {"library": f"OpenBLAS (scipy's, {core or 'unknown'} kernels)", "float32": addresses["sgemm"],
+                         "float64": addresses["dgemm"], "threads_fn": 0, "core": core}
     return found
 
 
 def blas_functions(m: int = tiling.CPU_OPENBLAS_MIN_ROWS) -> dict:
     """The BLAS for a call with ``m`` rows: FUSEDLINEAR_CPU_BLAS (mkl | openblas) if set, else
-    MKL below CPU_OPENBLAS_MIN_ROWS rows and scipy's OpenBLAS from there on (per-tile calls of
-    each measured fastest in its range; kernels/tiling.py)."""
+    scipy's OpenBLAS when it runs AVX-512 kernels, and otherwise (AVX2 kernels, e.g. with
+    OPENBLAS_CORETYPE=Haswell) MKL below CPU_OPENBLAS_MIN_ROWS rows and OpenBLAS from there on:
+    per-tile calls of each measured fastest in its range (kernels/tiling.py)."""
     libraries = blas_libraries()
     choice = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
     if choice == "auto":
-        choice = "mkl" if "mkl" in libraries and m < tiling.CPU_OPENBLAS_MIN_ROWS else "openblas"
+        avx512 = libraries["openblas"]["core"].lower() in tiling.OPENBLAS_AVX512_CORES
+        choice = "mkl" if "mkl" in libraries and m < tiling.CPU_OPENBLAS_MIN_ROWS and not avx512 else "openblas"
     if choice not in libraries:
         raise RuntimeError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: available here are {', '.join(libraries)} (or auto)")
     return libraries[choice]

@@ -149,13 +149,28 @@ def scipy_gemm_addresses() -> dict[str, int]:
     return {name: get_cython_function_address("scipy.linalg.cython_blas", name) for name in ("sgemm", "dgemm")}
 
 
-def limit_scipy_blas_threads() -> None:
-    """scipy's OpenBLAS to one thread: the kernels' own threads each call it on one tile."""
+def _scipy_openblas():
+    """threadpoolctl's controller of scipy's OpenBLAS (the 32-bit-integer one its cython_blas uses), or None."""
     from threadpoolctl import ThreadpoolController
 
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library limited here)
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
 
     for ctl in ThreadpoolController().lib_controllers:
         name = os.path.basename(ctl.filepath)
         if ctl.internal_api == "openblas" and "scipy_openblas" in name and "64_" not in name:
-            ctl.set_num_threads(1)
+            return ctl
+    return None
+
+
+def limit_scipy_blas_threads() -> None:
+    """scipy's OpenBLAS to one thread: the kernels' own threads each call it on one tile."""
+    ctl = _scipy_openblas()
+    if ctl is not None:
+        ctl.set_num_threads(1)
+
+
+def scipy_openblas_core() -> str:
+    """The kernel family scipy's OpenBLAS chose at load (e.g. ``SkylakeX``, or ``Haswell`` when
+    OPENBLAS_CORETYPE forces it), as threadpoolctl reports it; "" if unknown."""
+    ctl = _scipy_openblas()
+    return (getattr(ctl, "architecture", None) or "") if ctl is not None else ""

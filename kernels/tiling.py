@@ -27,6 +27,11 @@ CPU_PARALLEL_MIN_WEIGHT_BYTES = 256 * 1024
 # B=32 1.08 / 1.18, B=64 1.07 / 1.07, B=128 1.04 / 1.01, B=256 1.02 (MKL whole) / 0.96,
 # B=1024 1.03 / 0.95.
 CPU_OPENBLAS_MIN_ROWS = 64
+# ... but when scipy's OpenBLAS runs one of these AVX-512 kernel families, it is used at every
+# batch size. MNIST training step, in-process alternation, fused with MKL / with OpenBLAS
+# (SkylakeX kernels) over eager: B=1 1.19 / 1.15, B=16 1.06 / 0.95, B=64 1.03 / 0.68 (2-core
+# EPYC, OPENBLAS_CORETYPE unset, 2026-11-28).
+OPENBLAS_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 # With MKL forced, from this many rows on GEMMs run as whole-matrix multi-threaded calls and only
 # the element-wise stages are tiled (fusedlinear.backend.numba_cpu._whole).
 CPU_WHOLE_MIN_ROWS = 256

@@ -25,3 +25,14 @@ def test_bench_rejects_unknown_provider():
     out = subprocess.run([sys.executable, "-m", "fusedlinear", "bench", "layer", "--providers", "tensorflow"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "unknown provider 'tensorflow'" in out.stderr
+
+
+def test_csv_from_another_version_is_kept_and_rows_go_beside_it(tmp_path):
+    from fusedlinear.bench import append_csv
+
+    path = tmp_path / "old.csv"
+    path.write_text("kernel,median_ms\nstep,1.0\n")
+    append_csv(str(path), [{"kernel": "step", "median_ms": 2.0, "openblas_core": "SkylakeX"}])
+    assert path.read_text() == "kernel,median_ms\nstep,1.0\n"
+    (other,) = [p for p in tmp_path.iterdir() if p != path]
+    assert list(csv.DictReader(other.open())) == [{"kernel": "step", "median_ms": "2.0", "openblas_core": "SkylakeX"}]

@@ -236,6 +236,12 @@ def machine_info() -> dict:
     info = {"machine": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    try:  # the kernels scipy's OpenBLAS (the fused CPU path's BLAS) actually runs
+        from fusedlinear.kernels._numba_runtime import scipy_openblas_core
+
+        info["openblas_core"] = scipy_openblas_core()
+    except ImportError:
+        pass
     try:
         import numba
 
@@ -315,7 +321,15 @@ def print_table(rows) -> None:
 def append_csv(path, rows) -> None:
     import csv
 
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(rows[0]):  # written by another version: keep both, lose nothing
+            root, ext = os.path.splitext(path)
+            other = f"{root}-{time.strftime('%Y%m%dT%H%M%S')}{ext or '.csv'}"
+            print(f"fusedlinear bench: {path} has other columns; these rows go to {other}", file=sys.stderr)
+            path, new = other, True
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:

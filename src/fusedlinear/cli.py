@@ -146,8 +146,9 @@ def cmd_info(args) -> int:
     print("threads:")
     print(f"  torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
     print(f"  fused CPU kernels: {numba_cpu.threading_report()}, torch.get_num_threads() threads")
-    print(f"  BLAS per tile: {numba_cpu.blas_functions(1)['library']} below "
-          f"{numba_tiling.CPU_OPENBLAS_MIN_ROWS} rows, {numba_cpu.blas_functions()['library']} from there on")
+    small, large = numba_cpu.blas_functions(1)["library"], numba_cpu.blas_functions()["library"]
+    print(f"  BLAS per tile: {small}" if small == large else
+          f"  BLAS per tile: {small} below {numba_tiling.CPU_OPENBLAS_MIN_ROWS} rows, {large} from there on")
     print("JIT caches:")
     from .kernels import cpu
 
