@@ -152,7 +152,9 @@ def implementation(name: str) -> ModuleType:
 _chosen: dict[tuple, ModuleType] = {}  # (forced, device type, dtype) -> a kernel module select() chose
 
 
-def _for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
+def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
+    """The backend module that runs a call on input ``x`` and weight ``w`` (its ``forward`` and
+    ``backward``); a chain of layers asks once for all of them."""
     if x.numel() == 0 or w.numel() == 0:
         return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
     key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
@@ -166,11 +168,11 @@ def _for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
 
 
 def forward(x, w, b, activation: str, slope: float):
-    return _for_call(x, w).forward(x, w, b, activation, slope)
+    return for_call(x, w).forward(x, w, b, activation, slope)
 
 
 def backward(grad, saved, x, w, activation: str, slope: float, mask):
-    return _for_call(x, w).backward(grad, saved, x, w, activation, slope, mask)
+    return for_call(x, w).backward(grad, saved, x, w, activation, slope, mask)
 
 
 def available() -> dict[str, str]:
@@ -178,4 +180,4 @@ def available() -> dict[str, str]:
     return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
-__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "forward", "backward", "available"]
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "for_call", "forward", "backward", "available"]

@@ -32,7 +32,9 @@ import warnings
 import torch
 
 from ..kernels import activations as _acts
+from ..kernels import cpu_params as slots
 from ..kernels import tiling
+from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
@@ -131,18 +133,16 @@ def _entry(name: str, dtype) -> tuple[int, object]:
     return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
 
 
-def _launch(name: str, dtype, params: array.array, parallel: bool) -> None:
-    """Run kernel ``name`` on ``params``: on PyTorch's pool when ``parallel`` and more than one
-    thread is set, else on this thread."""
+def _launch(address: int, call, params: array.array, parallel: bool) -> None:
+    """Run the kernel at ``address`` (``call``: the same as a ctypes callable) on ``params``: on
+    PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread."""
     global _pool_started
-    address, call = _entry(name, dtype)
-    threads = torch.get_num_threads() if parallel else 1
-    if threads > 1:
+    if parallel and torch.get_num_threads() > 1:
         omp = openmp()
         if omp is not None and not (_forked and _pool_started):
             _pool_started = True
             params[0], params[1] = omp["thread_num"], omp["num_threads"]
-            omp["parallel"](address, params.buffer_info()[0], threads, 0)
+            omp["parallel"](address, params.buffer_info()[0], torch.get_num_threads(), 0)
             return
         if _forked and _pool_started:
             _warn_fork_once()
@@ -171,13 +171,12 @@ def _check_dims(*dims: int) -> None:
 @functools.lru_cache(maxsize=None)
 def _template(dtype, library: str) -> tuple[int, ...]:
     """The parameter slots that depend only on the dtype and the BLAS library."""
-    cpu = _kernels()
     blas = blas_libraries()[library]
     one, zero = _SCALARS[dtype]
-    p = [0] * cpu.N_PARAMS
-    p[cpu.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
-    p[cpu.P_BLAS_THREADS] = blas["threads_fn"]
-    p[cpu.P_ALPHA], p[cpu.P_BETA] = one.data_ptr(), zero.data_ptr()
+    p = [0] * slots.N_PARAMS
+    p[slots.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
+    p[slots.P_BLAS_THREADS] = blas["threads_fn"]
+    p[slots.P_ALPHA], p[slots.P_BETA] = one.data_ptr(), zero.data_ptr()
     return tuple(p)
 
 
@@ -186,23 +185,6 @@ def _activation_slots(activation: str, slope: float) -> tuple[int, int, bool]:
     """(activation id, the slope's float64 bits as an int64, keeps Z?)."""
     return (_acts.ACTIVATION_IDS[activation], struct.unpack("<q", struct.pack("<d", slope))[0],
             _acts.ACTIVATIONS[activation].saves == "z")
-
-
-def _base_params(x, w, m, n, k, activation, slope) -> tuple[array.array, tuple, bool, bool]:
-    """The parameter block with everything forward and backward share filled in, the tensors its
-    addresses point into (kept alive by the caller), whether MKL was chosen, and whether Z is kept."""
-    cpu = _kernels()
-    blas = blas_functions(m)
-    mkl = blas["threads_fn"] != 0
-    p = array.array("q", _template(x.dtype, "mkl" if mkl else "openblas"))
-    xk, ldx, tx = matrix_operand(x)
-    wk, ldw, tw = matrix_operand(w)
-    _check_dims(m, n, k, ldx, ldw)
-    p[cpu.P_X], p[cpu.P_LDX], p[cpu.P_TX] = xk.data_ptr(), ldx, tx
-    p[cpu.P_W], p[cpu.P_LDW], p[cpu.P_TW] = wk.data_ptr(), ldw, tw
-    p[cpu.P_M], p[cpu.P_N], p[cpu.P_K] = m, n, k
-    p[cpu.P_ACT], p[cpu.P_SLOPE], keeps_z = _activation_slots(activation, slope)
-    return p, (xk, wk), mkl, keeps_z
 
 
 def _parallel(m: int, n: int, k: int, itemsize: int) -> bool:
@@ -219,61 +201,105 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
             and not _forked)  # MKL's own threads are OpenMP too: not in a forked child
 
 
+def _plan(x, w, b, activation, slope, mask):
+    """What a call runs: its launches ``[(kernel, parameter slots, parallel?)]``, with every slot
+    filled that does not change from call to call (sizes, tiles, BLAS, W and b), and the tensors
+    those addresses point into. Forward when ``mask`` is None, else backward with that mask.
+    Per call only the input's and the outputs' addresses are filled in (``_fill``)."""
+    (m, k), n = x.shape, w.shape[0]
+    blas = blas_functions(m)
+    mkl = blas["threads_fn"] != 0
+    p = list(_template(x.dtype, "mkl" if mkl else "openblas"))
+    _, ldx, tx = matrix_operand(x)
+    wk, ldw, tw = matrix_operand(w)
+    _check_dims(m, n, k, ldx, ldw)
+    p[slots.P_LDX], p[slots.P_TX] = ldx, tx
+    p[slots.P_W], p[slots.P_LDW], p[slots.P_TW] = wk.data_ptr(), ldw, tw
+    p[slots.P_M], p[slots.P_N], p[slots.P_K] = m, n, k
+    p[slots.P_ACT], p[slots.P_SLOPE], _ = _activation_slots(activation, slope)
+    threads = torch.get_num_threads()
+    parallel = _parallel(m, n, k, x.element_size())
+    whole = _whole(mkl, m, parallel)
+    launches = []
+
+    def launch(name, run_parallel, **values):
+        for slot, value in values.items():
+            p[getattr(slots, f"P_{slot}")] = value
+        launches.append((*_entry(name, x.dtype), tuple(p), run_parallel))
+
+    if mask is None:  # forward
+        bias = b.contiguous() if b is not None else x.new_zeros(n)
+        p[slots.P_BIAS] = bias.data_ptr()
+        if whole:
+            launch("forward", False, TM=m, TN=n, WHOLE=1, STAGE=1)  # one multi-threaded GEMM ...
+            p[slots.P_WHOLE] = 0
+        launch("forward", parallel, STAGE=2 if whole else 0, **dict(zip(("TM", "TN"), tiling.cpu_tiles(m, n, threads))))
+        return launches, (wk, bias)
+    p[slots.P_CB] = tiling.cpu_column_block(n, threads)
+    if whole:
+        launch("backward_columns", True, STAGE=1)  # dZ and db in parallel column blocks ...
+        if mask[1]:  # ... then dW and dX as whole GEMMs
+            launch("backward_columns", False, WHOLE=1, STAGE=2, CB=n)
+        if mask[0]:
+            launch("backward_rows", False, WHOLE=1, STAGE=2, CB=n, TM=m, TK=k)
+        return launches, (wk,)
+    launch("backward_columns", parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
+    if mask[0]:
+        launch("backward_rows", parallel, **dict(zip(("TM", "TK"), tiling.cpu_tiles(m, k, threads))))
+    return launches, (wk,)
+
+
+_plans: dict = {}  # launch plans by call signature; a plan holds W's and b's addresses, so W and b
+_MAX_PLANS = 256   # are part of the key (address, shape, strides): a new tensor is a new plan
+
+
+def _cached_plan(x, w, b, activation, slope, mask):
+    key = (x.shape, x.stride(), x.dtype, w.data_ptr(), w.shape, w.stride(),
+           None if b is None or mask is not None else (b.data_ptr(), b.stride()),
+           activation, slope, mask, torch.get_num_threads(), _forked, os.environ.get("FUSEDLINEAR_CPU_BLAS"))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(x, w, b, activation, slope, mask)
+        if plan[1][0] is w and (mask is not None or b is None or plan[1][1] is b):  # no per-call copies
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
 def forward(x, w, b, activation, slope):
     """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
     (m, k), n = x.shape, w.shape[0]
-    cpu = _kernels()
-    p, keep, mkl, keeps_z = _base_params(x, w, m, n, k, activation, slope)
+    launches = _cached_plan(x, w, b, activation, slope, None)[0]
+    xk = matrix_operand(x)[0]
     a = x.new_empty((m, n))
+    keeps_z = _activation_slots(activation, slope)[2]
     z = x.new_empty((m, n) if keeps_z else 0)
-    bias = b.contiguous() if b is not None else x.new_zeros(n)
-    p[cpu.P_BIAS], p[cpu.P_A] = bias.data_ptr(), a.data_ptr()
-    p[cpu.P_Z] = z.data_ptr() if keeps_z else 0
-    threads = torch.get_num_threads()
-    parallel = _parallel(m, n, k, x.element_size())
-    if _whole(mkl, m, parallel):
-        p[cpu.P_TM], p[cpu.P_TN], p[cpu.P_WHOLE], p[cpu.P_STAGE] = m, n, 1, 1
-        _launch("forward", x.dtype, p, False)  # one multi-threaded GEMM
-        p[cpu.P_WHOLE], p[cpu.P_STAGE] = 0, 2
-    p[cpu.P_TM], p[cpu.P_TN] = tiling.cpu_tiles(m, n, threads)
-    _launch("forward", x.dtype, p, parallel)
+    for address, call, template, parallel in launches:
+        p = array.array("q", template)
+        p[P_X], p[P_A], p[P_Z] = xk.data_ptr(), a.data_ptr(), z.data_ptr() if keeps_z else 0
+        _launch(address, call, p, parallel)
     return a, z
 
 
 def backward(grad, saved, x, w, activation, slope, mask):
     """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
     (m, k), n = x.shape, w.shape[0]
-    cpu = _kernels()
-    p, keep, mkl, _ = _base_params(x, w, m, n, k, activation, slope)
+    mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))
+    launches = _cached_plan(x, w, None, activation, slope, mask)[0]
+    xk = matrix_operand(x)[0]
     grad = grad.contiguous()
     saved = saved.contiguous()
     dz = x.new_empty((m, n))
     dx = x.new_empty((m, k) if mask[0] else 0)
     dw = x.new_empty((n, k) if mask[1] else 0)
     db = x.new_empty(n if mask[2] else 0)
-    p[cpu.P_DA] = grad.data_ptr()
-    p[cpu.P_SAVED] = saved.data_ptr() if saved.numel() else 0
-    p[cpu.P_DZ] = dz.data_ptr()
-    p[cpu.P_DX] = dx.data_ptr() if mask[0] else 0
-    p[cpu.P_DW] = dw.data_ptr() if mask[1] else 0
-    p[cpu.P_DB] = db.data_ptr() if mask[2] else 0
-    threads = torch.get_num_threads()
-    parallel = _parallel(m, n, k, x.element_size())
-    p[cpu.P_CB] = tiling.cpu_column_block(n, threads)
-    if _whole(mkl, m, parallel):
-        p[cpu.P_STAGE] = 1  # dZ and db in parallel column blocks ...
-        _launch("backward_columns", x.dtype, p, True)
-        p[cpu.P_WHOLE], p[cpu.P_STAGE], p[cpu.P_CB] = 1, 2, n  # ... then dW and dX as whole GEMMs
-        if mask[1]:
-            _launch("backward_columns", x.dtype, p, False)
-        if mask[0]:
-            p[cpu.P_TM], p[cpu.P_TK] = m, k
-            _launch("backward_rows", x.dtype, p, False)
-        return dx, dw, db
-    _launch("backward_columns", x.dtype, p, parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
-    if mask[0]:
-        p[cpu.P_TM], p[cpu.P_TK] = tiling.cpu_tiles(m, k, threads)
-        _launch("backward_rows", x.dtype, p, parallel)
+    for address, call, template, parallel in launches:
+        p = array.array("q", template)
+        p[P_X], p[P_DA], p[P_SAVED], p[P_DZ] = xk.data_ptr(), grad.data_ptr(), saved.data_ptr() if saved.numel() else 0, dz.data_ptr()
+        p[P_DX], p[P_DW], p[P_DB] = (dx.data_ptr() if mask[0] else 0, dw.data_ptr() if mask[1] else 0,
+                                     db.data_ptr() if mask[2] else 0)
+        _launch(address, call, p, parallel)
     return dx, dw, db
 
 

@@ -41,16 +41,11 @@ from numba import carray, cfunc, njit, types
 from . import activations as _acts
 from ._numba_runtime import address, address_of, call_int, f64_ptr, gemm, i64_ptr, typed_ptr
 
-# The parameter block: int64 slots (P_SLOPE holds a float64's bits).
-# P_STAGE splits a kernel for large problems (see fusedlinear.backend.numba_cpu): forward
-# 0 = BLAS + epilogue per tile, 1 = BLAS only, 2 = epilogue only; backward_columns 0 = dZ, db and
-# dW per block, 1 = dZ and db only, 2 = dW only. P_WHOLE = 1: the call is one whole-matrix tile
-# made outside any parallel region, and BLAS may use its own threads (PyTorch's pool again).
-(P_THREAD_NUM, P_NUM_THREADS, P_GEMM, P_BLAS_THREADS, P_ALPHA, P_BETA,
- P_X, P_LDX, P_TX, P_W, P_LDW, P_TW, P_M, P_N, P_K,
- P_BIAS, P_A, P_Z, P_ACT, P_SLOPE, P_TM, P_TN,
- P_DA, P_SAVED, P_DZ, P_DX, P_DW, P_DB, P_CB, P_TK, P_WHOLE, P_STAGE) = range(32)
-N_PARAMS = 32
+from .cpu_params import (  # noqa: F401  (the backend reads them here too)
+    N_PARAMS, P_A, P_ACT, P_ALPHA, P_BETA, P_BIAS, P_BLAS_THREADS, P_CB, P_DA, P_DB, P_DW, P_DX, P_DZ, P_GEMM, P_K,
+    P_LDW, P_LDX, P_M, P_N, P_NUM_THREADS, P_SAVED, P_SLOPE, P_STAGE, P_THREAD_NUM, P_TK, P_TM, P_TN, P_TW, P_TX,
+    P_W, P_WHOLE, P_X, P_Z,
+)
 
 
 @njit(inline="always")
