@@ -202,10 +202,12 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
 
 
 def _plan(x, w, b, activation, slope, mask):
-    """What a call runs: its launches ``[(kernel, parameter slots, parallel?)]``, with every slot
-    filled that does not change from call to call (sizes, tiles, BLAS, W and b), and the tensors
-    those addresses point into. Forward when ``mask`` is None, else backward with that mask.
-    Per call only the input's and the outputs' addresses are filled in (``_fill``)."""
+    """What a call runs: its launches ``[(kernel address, kernel, parameter slots, parallel?)]``,
+    with every slot filled that does not change from call to call (sizes, tiles, BLAS, W and b),
+    the tensors those addresses point into, and whether the plan may be kept for later calls (not
+    when it points into a copy of an oddly strided W or b, made for this call). Forward when
+    ``mask`` is None, else backward with that mask. Per call only the input's and the outputs'
+    addresses are filled in."""
     (m, k), n = x.shape, w.shape[0]
     blas = blas_functions(m)
     mkl = blas["threads_fn"] != 0
@@ -234,7 +236,7 @@ def _plan(x, w, b, activation, slope, mask):
             launch("forward", False, TM=m, TN=n, WHOLE=1, STAGE=1)  # one multi-threaded GEMM ...
             p[slots.P_WHOLE] = 0
         launch("forward", parallel, STAGE=2 if whole else 0, **dict(zip(("TM", "TN"), tiling.cpu_tiles(m, n, threads))))
-        return launches, (wk, bias)
+        return launches, (wk, bias), wk is w and (b is None or bias is b)
     p[slots.P_CB] = tiling.cpu_column_block(n, threads)
     if whole:
         launch("backward_columns", True, STAGE=1)  # dZ and db in parallel column blocks ...
@@ -242,15 +244,19 @@ def _plan(x, w, b, activation, slope, mask):
             launch("backward_columns", False, WHOLE=1, STAGE=2, CB=n)
         if mask[0]:
             launch("backward_rows", False, WHOLE=1, STAGE=2, CB=n, TM=m, TK=k)
-        return launches, (wk,)
+        return launches, (wk,), wk is w
     launch("backward_columns", parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
     if mask[0]:
         launch("backward_rows", parallel, **dict(zip(("TM", "TK"), tiling.cpu_tiles(m, k, threads))))
-    return launches, (wk,)
+    return launches, (wk,), wk is w
 
 
-_plans: dict = {}  # launch plans by call signature; a plan holds W's and b's addresses, so W and b
-_MAX_PLANS = 256   # are part of the key (address, shape, strides): a new tensor is a new plan
+# Launch plans by call signature. A plan holds W's and b's addresses but no reference to them,
+# so they are part of the key (address, shape, strides): the caller's W is the one the address
+# points into, and a new tensor is a new plan. Plans with copies made for this call only
+# (an oddly strided W or b) are not kept.
+_plans: dict = {}
+_MAX_PLANS = 256
 
 
 def _cached_plan(x, w, b, activation, slope, mask):
@@ -260,10 +266,10 @@ def _cached_plan(x, w, b, activation, slope, mask):
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(x, w, b, activation, slope, mask)
-        if plan[1][0] is w and (mask is not None or b is None or plan[1][1] is b):  # no per-call copies
+        if plan[2]:  # kept without W and b themselves (only a zero bias it made)
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
-            _plans[key] = plan
+            _plans[key] = plan = (plan[0], tuple(t for t in plan[1] if t is not w and t is not b), True)
     return plan
 
 

@@ -107,3 +107,18 @@ def test_cpu_path_is_deterministic_across_processes():
     first, second = _run_python(code), _run_python(code)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout
+
+
+def test_launch_plans_keep_no_weight_alive():
+    """The CPU backend caches launch plans by call signature; a plan must not keep the caller's
+    weight (or bias) alive after the model is gone."""
+    import gc
+    import weakref
+
+    w = torch.randn(64, 32, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    fusedlinear.fused_linear(torch.randn(8, 32), w, b, "relu").sum().backward()
+    refs = [weakref.ref(w), weakref.ref(b)]
+    del w, b
+    gc.collect()
+    assert all(r() is None for r in refs)
