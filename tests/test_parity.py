@@ -132,7 +132,7 @@ def test_bfloat16_falls_back_to_torch_with_a_warning():
 
 
 @pytest.mark.parametrize("blas", ["auto", "mkl", "openblas"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts_and_blas_choices_agree(threads, blas, monkeypatch):
     """The tiled (parallel), whole-matrix and single-thread paths, on either BLAS, compute the same thing."""
     from fusedlinear.backend import numba_cpu
@@ -143,7 +143,8 @@ def test_thread_counts_and_blas_choices_agree(threads, blas, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for lead in ((40,), (300,)):  # tiles and whole-matrix BLAS calls (kernels.tiling.CPU_WHOLE_MIN_ROWS)
+        # column tiles, whole-matrix BLAS calls (kernels.tiling.CPU_WHOLE_MIN_ROWS), row bands (CPU_BAND_MIN_ROWS)
+        for lead in ((40,), (300,), (1031,)):
             x, w, b = make_inputs(lead, 190, 170, torch.float64, seed=threads)
             check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "silu"), x, w, b, "silu")
     finally:

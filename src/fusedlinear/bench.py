@@ -116,16 +116,24 @@ def _torch_layer(provider, batch, k, n, activation, mode):
             with torch.no_grad():
                 model(x)
         return fn
+    leaves = [x, *model.parameters()]
+
+    def fresh_grads():  # as a training loop's zero_grad(set_to_none=True): no accumulation pass timed
+        for t in leaves:
+            t.grad = None
+
     if mode == "backward":
         state = {}
 
         def fn():
             if "out" not in state:
                 state["out"] = model(x)
+            fresh_grads()
             state["out"].backward(grad, retain_graph=True)
         return fn
 
     def fn():
+        fresh_grads()
         model(x).backward(grad)
     return fn
 
