@@ -6,12 +6,16 @@ What this layer does for the kernels:
   go to BLAS as (address, leading dimension, transposed?) whenever their rows or their columns
   are contiguous (a transposed tensor is read in place); other strides (expanded, stride-0
   rows) are copied first.
-* **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into PyTorch's own MKL
-  (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and ``MKL_Set_Num_Threads_Local``, the
-  per-thread setting) for small batches, and into scipy's OpenBLAS (held to one thread) from
-  CPU_OPENBLAS_MIN_ROWS rows on, where its per-tile calls measured faster than both MKL tiles
-  and eager PyTorch. ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces one; with MKL forced, large
-  batches use whole-matrix multi-threaded MKL calls instead of tiles (``_whole``).
+* **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
+  one thread) — or, when that OpenBLAS runs only its AVX2 kernels (e.g. OPENBLAS_CORETYPE=Haswell),
+  into PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
+  ``MKL_Set_Num_Threads_Local``, the per-thread setting) below CPU_OPENBLAS_MIN_ROWS rows; each
+  measured fastest in its range (kernels/tiling.py). ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces
+  one; with MKL forced, large batches use whole-matrix multi-threaded MKL calls instead of tiles
+  (``_whole``).
+* **Launch plans.** What a call's parameter blocks hold that does not change from step to step
+  (sizes, tiles, BLAS, W's and b's addresses) is worked out once per call signature and kept;
+  a call fills in only its input's and outputs' addresses (``_cached_plan``).
 * **Threads.** The kernels run as the body of ``GOMP_parallel`` on PyTorch's own OpenMP pool
   (the libgomp PyTorch loaded), with ``torch.get_num_threads()`` threads: one pool for eager
   ops and fused ops, never two spinning side by side. One thread — ``torch.set_num_threads(1)``
@@ -51,6 +55,12 @@ def _kernels():
     return _cpu
 
 
+# Which BLAS the kernels call: "auto" (see blas_functions), "mkl" or "openblas". Read from the
+# environment variable FUSEDLINEAR_CPU_BLAS when this module is imported (the first fused CPU
+# call), not per call: a lookup in os.environ costs ~0.5 us, and a training step makes a dozen.
+BLAS_CHOICE = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
+
+
 @functools.lru_cache(maxsize=None)
 def blas_libraries() -> dict:
     """The BLAS libraries the kernels can call, by name, as addresses of their ?gemm_ (and, for
@@ -75,12 +85,12 @@ def blas_libraries() -> dict:
 
 
 def blas_functions(m: int = tiling.CPU_OPENBLAS_MIN_ROWS) -> dict:
-    """The BLAS for a call with ``m`` rows: FUSEDLINEAR_CPU_BLAS (mkl | openblas) if set, else
+    """The BLAS for a call with ``m`` rows: BLAS_CHOICE (mkl | openblas) if set, else
     scipy's OpenBLAS when it runs AVX-512 kernels, and otherwise (AVX2 kernels, e.g. with
     OPENBLAS_CORETYPE=Haswell) MKL below CPU_OPENBLAS_MIN_ROWS rows and OpenBLAS from there on:
     per-tile calls of each measured fastest in its range (kernels/tiling.py)."""
     libraries = blas_libraries()
-    choice = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
+    choice = BLAS_CHOICE
     if choice == "auto":
         avx512 = libraries["openblas"]["core"].lower() in tiling.OPENBLAS_AVX512_CORES
         choice = "mkl" if "mkl" in libraries and m < tiling.CPU_OPENBLAS_MIN_ROWS and not avx512 else "openblas"
@@ -262,7 +272,7 @@ _MAX_PLANS = 256
 def _cached_plan(x, w, b, activation, slope, mask):
     key = (x.shape, x.stride(), x.dtype, w.data_ptr(), w.shape, w.stride(),
            None if b is None or mask is not None else (b.data_ptr(), b.stride()),
-           activation, slope, mask, torch.get_num_threads(), _forked, os.environ.get("FUSEDLINEAR_CPU_BLAS"))
+           activation, slope, mask, torch.get_num_threads(), _forked, BLAS_CHOICE)
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(x, w, b, activation, slope, mask)

@@ -139,7 +139,7 @@ def test_thread_counts_and_blas_choices_agree(threads, blas, monkeypatch):
 
     if blas == "mkl" and "mkl" not in numba_cpu.blas_libraries():
         pytest.skip("this PyTorch has no MKL")
-    monkeypatch.setenv("FUSEDLINEAR_CPU_BLAS", blas)
+    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", blas)  # FUSEDLINEAR_CPU_BLAS, read at import
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
