@@ -150,3 +150,23 @@ def test_hand_built_fused_sequential():
     eager[2].load_state_dict(model[1].state_dict())
     x = torch.randn(3, 7)
     torch.testing.assert_close(model(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("blas", ["auto", "mkl", "openblas"])
+def test_chain_every_thread_count_and_blas(threads, blas, monkeypatch):
+    """Chains over column tiles, the whole-matrix MKL path and row bands, on 1-3 threads."""
+    from fusedlinear.backend import numba_cpu
+
+    if blas == "mkl" and "mkl" not in numba_cpu.blas_libraries():
+        pytest.skip("this PyTorch has no MKL")
+    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", blas)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (40, 300, 1031):
+            x, _, _ = make_inputs((rows,), 190, 1, torch.float64, seed=rows)
+            _check_chain(x, _layers((190, 170, 230, 9), ["silu", "relu", "identity"], torch.float64))
+    finally:
+        torch.set_num_threads(previous)
+
