@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -63,51 +62,27 @@ def all_sum(values: list[float], device: str) -> list[float]:
 
 
 def train_worker(rank: int, world: int, port: int | None, data, cfg, progress: bool, out_path=None):
-    """One rank of ``fusedlinear train --nproc``: DDP over the fused model; returns rank 0's summary."""
+    """One rank of ``fusedlinear train --nproc``: DDP over the fused model (``train.Trainer`` on
+    this rank's share of each global batch); returns rank 0's (summary, state_dict)."""
+    import dataclasses
+
     from . import train
 
     if port is not None or not dist.is_initialized():
         init(rank, world, cfg.device, port)
-    device = cfg.device
-    if device.startswith("cuda"):
-        device = f"cuda:{rank % torch.cuda.device_count()}"
-        torch.cuda.set_device(device)
-    model = train.make_model(True, cfg.seed, device, cfg.dtype)
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = train.OPTIMIZERS[cfg.optimizer](ddp.parameters(), cfg.lr)
-    steps = cfg.epochs * (len(data.train_labels) // cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    x = data.train_images.to(device=device, dtype=cfg.dtype)
-    y = data.train_labels.to(device)
-    augment = train.Shift(x, cfg.shift, cfg.seed)
-    shuffle = torch.Generator().manual_seed(cfg.seed)  # the same global order on every rank
-    history = train.History("fused-ddp")
-    n = len(y)
+    if cfg.device.startswith("cuda"):
+        cfg = dataclasses.replace(cfg, device=f"cuda:{rank % torch.cuda.device_count()}")
+        torch.cuda.set_device(cfg.device)
+    model = train.make_model(True, cfg.seed, cfg.device, cfg.dtype)
+    trainer = train.Trainer(nn.parallel.DistributedDataParallel(model), data, cfg, "fused-ddp", rank, world)
+    n, history = len(trainer.y), trainer.history
     for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=shuffle).to(device)
-        start, losses = time.perf_counter(), []
-        for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):  # full global batches only
-            idx = shard(order[i:i + cfg.batch_size], rank, world)
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(ddp(augment(idx)), y[idx])
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(loss.detach())
-        local = torch.stack(losses).double().mean().item()
-        seconds = time.perf_counter() - start
-        tx, ty = data.test_images, data.test_labels
-        mine = torch.arange(rank, len(ty), world)
-        correct = train.evaluate(model, tx[mine].to(device=device, dtype=cfg.dtype), ty[mine].to(device)) * len(mine)
-        correct, total = all_sum([correct, len(mine)], device)
-        history.epoch_loss.append(all_mean(local, device))
-        history.test_accuracy.append(correct / total)
-        history.epoch_seconds.append(seconds)
+        trainer.epoch()
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {history.epoch_loss[-1]:.4f}  "
-                  f"test accuracy {history.test_accuracy[-1]:.4f}  {n / seconds:,.0f} samples/s ({world} processes)",
-                  flush=True)
-    summary = None
+                  f"test accuracy {history.test_accuracy[-1]:.4f}  {n / history.epoch_seconds[-1]:,.0f} samples/s "
+                  f"({world} processes)", flush=True)
+    summary = state = None
     if rank == 0:
         summary = {
             "model": "fused-ddp", "processes": world, "test_accuracy": history.test_accuracy[-1],
