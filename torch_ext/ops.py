@@ -228,13 +228,15 @@ class FusedChainFunction(torch.autograd.Function):
     def forward(ctx, input, spec, *params):
         h, keep, i = input, [], 0
         op = _chain_op(input, params, "forward", torch.ops.fusedlinear.linear_act)
+        weights = []
         for activation, slope, has_bias in spec:
             weight, bias = params[i], (params[i + 1] if has_bias else None)
             i += 1 + has_bias
             a, z = op(h, weight, bias, activation, slope)
             keep += [h, a if _acts.ACTIVATIONS[activation].saves == "a" else z]
+            weights.append(weight)
             h = a
-        ctx.save_for_backward(*keep, *params)
+        ctx.save_for_backward(*keep, *weights)  # backward needs no bias
         ctx.spec = spec
         return h
 
@@ -247,16 +249,16 @@ class FusedChainFunction(torch.autograd.Function):
             )
         spec, needs = ctx.spec, ctx.needs_input_grad
         saved = ctx.saved_tensors
-        params = saved[2 * len(spec):]
-        op = _chain_op(saved[0], params, "backward", torch.ops.fusedlinear.linear_act_backward, grad)
-        grads = [None] * len(params)
-        i = len(params)
+        weights = saved[2 * len(spec):]
+        op = _chain_op(saved[0], weights, "backward", torch.ops.fusedlinear.linear_act_backward, grad)
+        grads = [None] * (len(needs) - 2)  # one per parameter (weights and biases, in order)
+        i = len(grads)
         for layer in range(len(spec) - 1, -1, -1):
             activation, slope, has_bias = spec[layer]
             i -= 1 + has_bias
             earlier = needs[0] or any(needs[2:2 + i])  # does anything before this layer need a gradient?
             mask = [earlier, needs[2 + i], has_bias and needs[3 + i]]
-            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], params[i], activation, slope, mask)
+            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], weights[layer], activation, slope, mask)
             grads[i] = dw if mask[1] else None
             if has_bias:
                 grads[i + 1] = db if mask[2] else None
