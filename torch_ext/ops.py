@@ -71,6 +71,16 @@ def _direct(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
 
 
+def _refuse_double_backward() -> None:
+    """The backward kernels are not differentiable: refuse create_graph=True instead of returning
+    gradients without a graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
+            "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
+        )
+
+
 class FusedLinearFunction(torch.autograd.Function):
     """A = g(X Wᵀ + b) for a 2-D X; returns (A, Z-or-empty). Use :func:`fused_linear`."""
 
@@ -91,11 +101,7 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_a, grad_z):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
-                "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
-            )
+        _refuse_double_backward()
         input, weight, saved = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         if grad_a is None:
@@ -242,11 +248,7 @@ class FusedChainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
-                "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
-            )
+        _refuse_double_backward()
         spec, needs = ctx.spec, ctx.needs_input_grad
         saved = ctx.saved_tensors
         weights = saved[2 * len(spec):]
