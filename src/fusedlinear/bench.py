@@ -370,12 +370,13 @@ def plot(rows, path) -> None:
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'fusedlinear[bench]'") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for p in dict.fromkeys(r["provider"] for r in rows):
+    for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows)):
         mine = [r for r in rows if r["provider"] == p]
         xs = [r["batch"] for r in mine]
+        style = dict(marker="o", label=p, color=f"C{i}")  # one colour per provider in both panels
         if p != "eager" and all(r["ratio_to_eager"] != "" for r in mine):
-            ax1.plot(xs, [r["ratio_to_eager"] for r in mine], marker="o", label=p)
-        ax2.plot(xs, [r["gflops"] for r in mine], marker="o", label=p)
+            ax1.plot(xs, [r["ratio_to_eager"] for r in mine], **style)
+        ax2.plot(xs, [r["gflops"] for r in mine], **style)
     ax1.axhline(1.0, color="grey", lw=0.8)
     title = rows[0]["kernel"] if rows[0]["mode"] == rows[0]["kernel"] else f"{rows[0]['kernel']} {rows[0]['mode']}"
     ax1.set(xscale="log", xlabel="batch", ylabel="time / eager time", title=title)
