@@ -170,3 +170,10 @@ def test_chain_every_thread_count_and_blas(threads, blas, monkeypatch):
     finally:
         torch.set_num_threads(previous)
 
+
+
+@pytest.mark.parametrize("rows,widths", [(0, (5, 4, 3)), (6, (5, 0, 3)), (6, (0, 4, 3))])
+def test_chain_with_zero_sized_dimensions(rows, widths):
+    """An empty batch or a zero-width layer anywhere in a chain: like nn.Linear (K=0 gives the bias)."""
+    x, _, _ = make_inputs((rows,), widths[0], 1, torch.float64)
+    _check_chain(x, _layers(widths, ["relu", "sigmoid"], torch.float64))

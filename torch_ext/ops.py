@@ -214,7 +214,7 @@ def _chain_op(input, params, name, library_op, grad=None):
     the calls may skip the op and no dimension is zero), else the ``torch.library`` op."""
     if not _direct(input if grad is None else grad):
         return library_op
-    if input.numel() and all(p.numel() for p in params):
+    if input.numel() and min(map(torch.Tensor.numel, params)):  # no zero-sized layer (map: no Python frames)
         return getattr(backend.for_call(input, params[0]), name)
     return getattr(backend, name)
 
