@@ -6,10 +6,11 @@ import torch
 import fusedlinear
 from conftest import ACTIVATIONS, check_against_reference, make_inputs
 
-# (leading dims, K, N): 1->1 with B=1; odd small; 3-D and 4-D inputs; tiles with remainders; MNIST.
-SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3), ((64,), 784, 512),
-          ((300,), 257, 131)]
-IDS = ["1x1->1", "7x13->5", "2x3x13->7", "2x3x4x9->6", "129x130->3", "64x784->512", "300x257->131"]
+# (leading dims, K, N): 1->1 and 300->129 with B=1; odd small; 3-D and 4-D inputs; tiles with remainders; MNIST.
+# (1,) x 300 -> 129: batch 1, where dW is written as an outer product instead of a BLAS call.
+SHAPES = [((1,), 1, 1), ((1,), 300, 129), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3),
+          ((64,), 784, 512), ((300,), 257, 131)]
+IDS = ["1x1->1", "1x300->129", "7x13->5", "2x3x13->7", "2x3x4x9->6", "129x130->3", "64x784->512", "300x257->131"]
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
@@ -63,6 +64,14 @@ def test_non_contiguous_inputs(layout, weight_layout, dtype):
     check_against_reference(
         lambda x, w, b: fusedlinear.fused_linear(x, w, b, "tanh"), x, w, b, "tanh", layout=LAYOUTS[layout]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_batch_one_with_strided_input(dtype):
+    """Batch 1 writes dW as an outer product of a row-major X row; a strided row takes BLAS instead."""
+    x, w, b = make_inputs((1,), 40, 9, dtype)
+    strided = lambda t: torch.stack([t, t], dim=2).reshape(1, 80)[:, ::2]  # noqa: E731  (stride 2: read in place, transposed)
+    check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "relu"), x, w, b, "relu", layout=strided)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
