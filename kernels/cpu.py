@@ -13,7 +13,8 @@ Backward, given dA::
 
     dZ = dA ⊙ g'(A or Z)        phase 1, per block of columns, fused with
     db = Σ_rows dZ              ... the column sums of that block, and
-    dW[c0:c1] = dZ[:, c0:c1]ᵀ X ... that block's rows of dW (a BLAS call)
+    dW[c0:c1] = dZ[:, c0:c1]ᵀ X ... that block's rows of dW (a BLAS call; at batch 1 an outer
+                                product written in the loop)
     dX = dZ W                   phase 2, per (rows x K-columns) tile (a BLAS call)
 
 No 1/M factor anywhere: the mean of the loss already carries it, and these must equal autograd.
