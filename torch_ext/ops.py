@@ -71,6 +71,11 @@ def _direct(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
 
 
+def _kept(activation: str, a, z):
+    """What backward needs of a forward's (A, Z) for ``activation``: A, or Z (empty if neither)."""
+    return a if _acts.ACTIVATIONS[activation].saves == "a" else z
+
+
 def _refuse_double_backward() -> None:
     """The backward kernels are not differentiable: refuse create_graph=True instead of returning
     gradients without a graph."""
@@ -92,8 +97,7 @@ class FusedLinearFunction(torch.autograd.Function):
             a, z = backend.forward(input, weight, bias, activation, negative_slope)
         else:
             a, z = torch.ops.fusedlinear.linear_act(input, weight, bias, activation, negative_slope)
-        saves = _acts.ACTIVATIONS[activation].saves
-        ctx.save_for_backward(input, weight, a if saves == "a" else z)
+        ctx.save_for_backward(input, weight, _kept(activation, a, z))
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         ctx.mark_non_differentiable(z)
@@ -200,13 +204,18 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     """
     if not _valid(input, weight, bias, activation, negative_slope):
         _check(input, weight, bias, activation, negative_slope)
-    if input.dim() == 2:  # the common case: no reshapes (a few us per call at small batches)
-        return FusedLinearFunction.apply(input, weight, bias, activation, float(negative_slope))[0]
+    return _on_rows(input, lambda x: FusedLinearFunction.apply(x, weight, bias, activation, float(negative_slope))[0])
+
+
+def _on_rows(input, fn):
+    """``fn`` on ``input`` flattened to rows ``(M, in_features)``, its output given back the leading
+    dimensions; a 2-D input (the common case) goes straight through, with no reshapes (a few us
+    per call at small batches)."""
+    if input.dim() == 2:
+        return fn(input)
     lead = input.shape[:-1]
-    a, _ = FusedLinearFunction.apply(
-        input.reshape(lead.numel(), weight.shape[1]), weight, bias, activation, float(negative_slope)
-    )
-    return a.reshape(*lead, weight.shape[0])
+    out = fn(input.reshape(lead.numel(), input.shape[-1]))
+    return out.reshape(*lead, out.shape[-1])
 
 
 def _chain_op(input, params, name, library_op, grad=None):
@@ -239,7 +248,7 @@ class FusedChainFunction(torch.autograd.Function):
             weight, bias = params[i], (params[i + 1] if has_bias else None)
             i += 1 + has_bias
             a, z = op(h, weight, bias, activation, slope)
-            keep += [h, a if _acts.ACTIVATIONS[activation].saves == "a" else z]
+            keep += [h, _kept(activation, a, z)]
             weights.append(weight)
             h = a
         ctx.save_for_backward(*keep, *weights)  # backward needs no bias
@@ -285,8 +294,5 @@ def fused_chain(input, layers):
         features = weight.shape[0]  # the next layer's input has out_features columns
         spec.append((activation, float(slope), bias is not None))
         params += [weight] if bias is None else [weight, bias]
-    if input.dim() == 2:
-        return FusedChainFunction.apply(input, tuple(spec), *params)
-    lead = input.shape[:-1]
-    out = FusedChainFunction.apply(input.reshape(lead.numel(), input.shape[-1]), tuple(spec), *params)
-    return out.reshape(*lead, out.shape[-1])
+    spec = tuple(spec)
+    return _on_rows(input, lambda x: FusedChainFunction.apply(x, spec, *params))
