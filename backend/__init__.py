@@ -13,6 +13,12 @@ CuPy is not installed or sees no GPU, fall back to ``"torch"`` with a one-time w
 is exact and free there. ``use_backend(name)`` or the environment variable
 ``FUSEDLINEAR_BACKEND`` force one backend; a forced backend that cannot run the tensor raises.
 
+Layouts: the kernels take strided tensors with storage only. Sparse COO/CSR inputs or weights
+run through ``"torch"`` (whose ops take them, exactly); other layouts (mkldnn, nested, CSC/BSR...)
+raise an error naming the layout and the fix (``x.to_dense()``); tensors without storage
+(``vmap``'s batched tensors) run through ``"torch"``. No backend is ever given an address that
+does not outlive the kernel call: see the lifetime rule in :mod:`fusedlinear.backend.numba_cpu`.
+
 Every backend implements the same two functions (shapes: X (M, K), W (N, K), b (N,))::
 
     forward(x, w, b, activation, slope) -> (A (M, N), Z (M, N) or empty)
@@ -42,7 +48,8 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[torch.dtype, ...]]] = {
 DEFAULT_FOR_DEVICE = {"cpu": "numba", "cuda": "cupy"}
 ENV_VAR = "FUSEDLINEAR_BACKEND"
 
-_forced: str | None = None
+_forced: str | None = None  # the innermost open use_backend block's choice (the top of _stack)
+_stack: list[tuple[object, str]] = []  # (token, name) of every open use_backend block, in entry order
 _lock = threading.Lock()
 _warned: set[tuple] = set()
 
@@ -57,23 +64,32 @@ def _check_name(name: str, where: str) -> str:
 def use_backend(name: str):
     """Force ``name`` (``"numba"``, ``"cupy"`` or ``"torch"``) for every fused call in the block.
 
-    Process-wide (the autograd engine runs backward on its own threads, which must see the
-    same choice); blocks may nest. The forward and the backward of one call should run under
-    the same choice::
+    Process-wide, so that autograd's backward threads (which run CUDA backward, and any
+    backward called from another thread) see the same choice as the forward; the forward and
+    the backward of one call should run under the same choice::
 
         with fusedlinear.use_backend("torch"):
             loss = model(x).sum()
             loss.backward()
+
+    Blocks nest, also across threads: every open block is one entry of a process-wide stack and
+    the entry made last decides; leaving a block removes exactly its own entry, so blocks that
+    overlap across threads and exit in any order (or by an exception) leave the choice of the
+    blocks still open, and nothing forced once all have exited. The backends compute the same
+    values; the choice only picks which code computes them.
     """
     global _forced
     _check_name(name, "use_backend")
+    token = object()
     with _lock:
-        previous, _forced = _forced, name
+        _stack.append((token, name))
+        _forced = name
     try:
         yield name
     finally:
         with _lock:
-            _forced = previous
+            _stack[:] = [entry for entry in _stack if entry[0] is not token]
+            _forced = _stack[-1][1] if _stack else None
 
 
 def forced_backend() -> str | None:
@@ -152,11 +168,18 @@ def implementation(name: str) -> ModuleType:
 _chosen: dict[tuple, ModuleType] = {}  # (forced, device type, dtype) -> a kernel module select() chose
 
 
+_has_storage = torch._C._has_storage  # False for sparse, mkldnn and vmap's batched tensors
+# Layouts the torch backend computes exactly (F.linear and the matrix products of backward take them).
+TORCH_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
 def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
     """The backend module that runs a call on input ``x`` and weight ``w`` (its ``forward`` and
     ``backward``); a chain of layers asks once for all of them."""
     if x.numel() == 0 or w.numel() == 0:
         return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
+    if not (_has_storage(x) and _has_storage(w)) or x.is_nested:
+        return _without_storage(x, w)
     key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
     module = _chosen.get(key)
     if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached
@@ -165,6 +188,18 @@ def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
         if name != "torch" or key[0]:
             _chosen[key] = module
     return module
+
+
+def _without_storage(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
+    """A call with a tensor that has no data pointer for a kernel: the torch backend, when its
+    ops take the layout (sparse COO/CSR) or the tensor is a strided wrapper (vmap's batched
+    tensors); otherwise an error naming the layout and the fix."""
+    for label, t in (("input", x), ("weight", w)):
+        if t.is_nested or not (t.layout in TORCH_LAYOUTS or t.layout is torch.strided):
+            layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+            raise TypeError(f"fusedlinear: the {label} is a {layout} tensor; fused layers take dense (strided) "
+                            f"tensors and sparse COO/CSR ones: convert it with {label}.to_dense()")
+    return implementation("torch")
 
 
 def forward(x, w, b, activation: str, slope: float):

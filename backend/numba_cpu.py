@@ -6,21 +6,35 @@ What this layer does for the kernels:
   go to BLAS as (address, leading dimension, transposed?) whenever their rows or their columns
   are contiguous (a transposed tensor is read in place); other strides (expanded, stride-0
   rows) are copied first.
+* **Lifetimes (the rule).** Every address a kernel reads or writes points into a tensor that
+  lives until the kernel has returned: one the call holds in a local (its arguments, outputs and
+  contiguous copies) or one owned by the ``Plan`` the call holds in a local (a zero bias, a copy
+  of an oddly strided W or b). A plan owns everything its addresses point into except the
+  caller's own W and b, whose addresses are then part of the plan's key (the call holds them).
+  Plans are immutable; evicting one only drops the cache's reference, so a call (on any thread)
+  that holds it runs on. Tensors without a data pointer (sparse, mkldnn, vmap's batched tensors)
+  never get here (``fusedlinear.backend.for_call``) or are handed to the torch backend here.
 * **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
   one thread) — or, when that OpenBLAS runs only its AVX2 kernels (e.g. OPENBLAS_CORETYPE=Haswell),
   into PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
   ``MKL_Set_Num_Threads_Local``, the per-thread setting) below CPU_OPENBLAS_MIN_ROWS rows; each
   measured fastest in its range (kernels/tiling.py). ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces
   one; with MKL forced, large batches use whole-matrix multi-threaded MKL calls instead of tiles
-  (``_whole``).
+  (``_whole``). BLAS takes 32-bit sizes: larger dimensions run through the torch backend.
 * **Launch plans.** What a call's parameter blocks hold that does not change from step to step
-  (sizes, tiles, BLAS, W's and b's addresses) is worked out once per call signature and kept;
-  a call fills in only its input's and outputs' addresses (``_cached_plan``).
+  (sizes, tiles, BLAS, W's and b's addresses) is worked out once per call signature and kept
+  (at most ``_MAX_PLANS``, the oldest evicted first); a call fills in only its input's and
+  outputs' addresses (``_cached_plan``).
 * **Threads.** The kernels run as the body of ``GOMP_parallel`` on PyTorch's own OpenMP pool
   (the libgomp PyTorch loaded), with ``torch.get_num_threads()`` threads: one pool for eager
   ops and fused ops, never two spinning side by side. One thread — ``torch.set_num_threads(1)``
-  as in DataLoader workers, a small problem, or a process forked after the pool started (where
-  OpenMP must not be used again) — calls the kernel directly on the calling thread.
+  as in DataLoader workers, or a small problem — calls the kernel directly on the calling thread.
+* **Fork.** A child forked from a process that had more than one thread (an OpenMP pool may
+  exist, whoever started it: fusedlinear, PyTorch, MKL) must not use OpenMP again: libgomp's
+  pool is not fork-safe and GOMP_parallel would wait for threads the child does not have. The
+  parent's thread count is taken at ``os.fork`` (multiprocessing, DataLoader); a fork that did
+  not pass through it shows as a changed pid when the child builds a plan. There the kernels
+  run on the calling thread, with one warning.
 * **Concurrency.** The kernel calls release the GIL; Python threads may call at once.
 """
 
@@ -31,7 +45,9 @@ import ctypes
 import functools
 import os
 import struct
+import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +58,7 @@ from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
-_pool_started = False
+_has_storage = torch._C._has_storage  # False for tensors without a data pointer (sparse, mkldnn, batched)
 
 
 def _kernels():
@@ -58,7 +74,8 @@ def _kernels():
 # Which BLAS the kernels call: "auto" (see blas_functions), "mkl" or "openblas". Read from the
 # environment variable FUSEDLINEAR_CPU_BLAS when this module is imported (the first fused CPU
 # call), not per call: a lookup in os.environ costs ~0.5 us, and a training step makes a dozen.
-BLAS_CHOICE = os.environ.get("FUSEDLINEAR_CPU_BLAS", "auto")
+BLAS_CHOICE = os.environ.get("FUSEDLINEAR_CPU_BLAS") or "auto"
+BLAS_CHOICES = ("auto", "mkl", "openblas")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,11 +108,15 @@ def blas_functions(m: int = tiling.CPU_OPENBLAS_MIN_ROWS) -> dict:
     per-tile calls of each measured fastest in its range (kernels/tiling.py)."""
     libraries = blas_libraries()
     choice = BLAS_CHOICE
+    if choice not in BLAS_CHOICES:
+        raise ValueError(f"FUSEDLINEAR_CPU_BLAS={choice!r} is not a BLAS choice: use one of "
+                         f"{', '.join(BLAS_CHOICES)} (or unset it for auto)")
     if choice == "auto":
         avx512 = libraries["openblas"]["core"].lower() in tiling.OPENBLAS_AVX512_CORES
         choice = "mkl" if "mkl" in libraries and m < tiling.CPU_OPENBLAS_MIN_ROWS and not avx512 else "openblas"
     if choice not in libraries:
-        raise RuntimeError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: available here are {', '.join(libraries)} (or auto)")
+        raise RuntimeError(f"FUSEDLINEAR_CPU_BLAS={choice!r}: this PyTorch has no {choice}; available here are "
+                           f"{', '.join(libraries)} (or auto)")
     return libraries[choice]
 
 
@@ -127,13 +148,38 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in _DTYPE_NAMES}
 
 
+def _thread_count() -> int:
+    """Threads in this process now (0 if unknown)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+_pid = os.getpid()
+_parent_threads = 1  # the forking process's thread count, taken just before os.fork
+_fork_unsafe = False  # forked from a process that may have had an OpenMP pool: no OpenMP here
+
+
+def _before_fork() -> None:
+    global _parent_threads
+    _parent_threads = _thread_count()
+
+
 def _after_fork_in_child() -> None:
-    global _forked
-    _forked = True
+    global _fork_unsafe, _pid
+    _fork_unsafe = _fork_unsafe or _parent_threads != 1
+    _pid = os.getpid()
 
 
-_forked = False  # in a process forked after the OpenMP pool started, OpenMP is not used again
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _check_fork() -> None:
+    """A fork that bypassed os.fork's hooks: the pid changed. Assume the parent had a pool."""
+    global _fork_unsafe, _pid
+    if os.getpid() != _pid:
+        _fork_unsafe, _pid = True, os.getpid()
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,15 +192,13 @@ def _entry(name: str, dtype) -> tuple[int, object]:
 def _launch(address: int, call, params: array.array, parallel: bool) -> None:
     """Run the kernel at ``address`` (``call``: the same as a ctypes callable) on ``params``: on
     PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread."""
-    global _pool_started
     if parallel and torch.get_num_threads() > 1:
         omp = openmp()
-        if omp is not None and not (_forked and _pool_started):
-            _pool_started = True
+        if omp is not None and not _fork_unsafe:
             params[0], params[1] = omp["thread_num"], omp["num_threads"]
             omp["parallel"](address, params.buffer_info()[0], torch.get_num_threads(), 0)
             return
-        if _forked and _pool_started:
+        if _fork_unsafe:
             _warn_fork_once()
     params[0] = params[1] = 0
     call(params.buffer_info()[0])
@@ -167,15 +211,12 @@ def _warn_fork_once():
     global _fork_warned
     if not _fork_warned:
         _fork_warned = True
-        warnings.warn("fusedlinear: this process was forked after the OpenMP pool started; fused kernels run "
-                      "on one thread here (OpenMP is not fork-safe). Use torch.set_num_threads(1) in workers "
-                      "or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
+        warnings.warn("fusedlinear: this process was forked from one with several threads (an OpenMP pool may "
+                      "exist there); fused kernels run on one thread here (OpenMP is not fork-safe). Use "
+                      "torch.set_num_threads(1) in workers or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
 
 
-def _check_dims(*dims: int) -> None:
-    if max(dims) >= 2**31:
-        raise RuntimeError(f"fusedlinear: dimension {max(dims)} exceeds BLAS's 32-bit limit; "
-                           f"use fusedlinear.use_backend('torch')")
+BLAS_INT_MAX = 2**31 - 1  # BLAS (LP64) takes sizes and leading dimensions as 32-bit ints
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,9 +231,8 @@ def _template(dtype, library: str) -> tuple[int, ...]:
     return tuple(p)
 
 
-@functools.lru_cache(maxsize=None)
 def _activation_slots(activation: str, slope: float) -> tuple[int, int, bool]:
-    """(activation id, the slope's float64 bits as an int64, keeps Z?)."""
+    """(activation id, the slope's float64 bits as an int64, keeps Z?); asked when a plan is made."""
     return (_acts.ACTIVATION_IDS[activation], struct.unpack("<q", struct.pack("<d", slope))[0],
             _acts.ACTIVATIONS[activation].saves == "z")
 
@@ -208,27 +248,38 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
     pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
     each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
     return (mkl and parallel and m >= tiling.CPU_WHOLE_MIN_ROWS and torch.get_num_threads() > 1
-            and not _forked)  # MKL's own threads are OpenMP too: not in a forked child
+            and not _fork_unsafe)  # MKL's own threads are OpenMP too: not in a forked child
 
 
-def _plan(x, w, b, activation, slope, mask):
-    """What a call runs: its launches ``[(kernel address, kernel, parameter slots, parallel?)]``,
-    with every slot filled that does not change from call to call (sizes, tiles, BLAS, W and b),
-    the tensors those addresses point into, and whether the plan may be kept for later calls (not
-    when it points into a copy of an oddly strided W or b, made for this call). Forward when
-    ``mask`` is None, else backward with that mask. Per call only the input's and the outputs'
-    addresses are filled in."""
+class Plan(NamedTuple):
+    """What a call runs, immutable: ``launches``, each (kernel address, kernel, parameter slots,
+    parallel?) with every slot filled that does not change from call to call (sizes, tiles, BLAS,
+    W and b); whether Z is kept; ``owned``, the tensors those slots point into that the caller does
+    not hold (a zero bias, copies of an oddly strided W or b); ``kept``, whether later calls may
+    use it (not when it holds such a copy: W and b may change in place between calls)."""
+
+    launches: tuple
+    keeps_z: bool
+    owned: tuple
+    kept: bool
+
+
+def _plan(x, w, b, activation, slope, mask) -> Plan | None:
+    """The plan of a forward (``mask`` None) or a backward with that mask; None when BLAS's
+    32-bit sizes cannot hold the problem."""
     (m, k), n = x.shape, w.shape[0]
+    _check_fork()
     blas = blas_functions(m)
     mkl = blas["threads_fn"] != 0
     p = list(_template(x.dtype, "mkl" if mkl else "openblas"))
     _, ldx, tx = matrix_operand(x)
     wk, ldw, tw = matrix_operand(w)
-    _check_dims(m, n, k, ldx, ldw)
+    if max(m, n, k, ldx, ldw) > BLAS_INT_MAX:
+        return None
     p[slots.P_LDX], p[slots.P_TX] = ldx, tx
     p[slots.P_W], p[slots.P_LDW], p[slots.P_TW] = wk.data_ptr(), ldw, tw
     p[slots.P_M], p[slots.P_N], p[slots.P_K] = m, n, k
-    p[slots.P_ACT], p[slots.P_SLOPE], _ = _activation_slots(activation, slope)
+    p[slots.P_ACT], p[slots.P_SLOPE], keeps_z = _activation_slots(activation, slope)
     threads = torch.get_num_threads()
     parallel = _parallel(m, n, k, x.element_size())
     whole = _whole(mkl, m, parallel)
@@ -239,6 +290,9 @@ def _plan(x, w, b, activation, slope, mask):
             p[getattr(slots, f"P_{slot}")] = value
         launches.append((*_entry(name, x.dtype), tuple(p), run_parallel))
 
+    def plan(kept, *made):  # owns what it made; the caller holds its own W and b
+        return Plan(tuple(launches), keeps_z, tuple(t for t in made if t is not w and t is not b), kept)
+
     if mask is None:  # forward
         bias = b.contiguous() if b is not None else x.new_zeros(n)
         p[slots.P_BIAS] = bias.data_ptr()
@@ -246,7 +300,7 @@ def _plan(x, w, b, activation, slope, mask):
             launch("forward", False, TM=m, TN=n, WHOLE=1, STAGE=1)  # one multi-threaded GEMM ...
             p[slots.P_WHOLE] = 0
         launch("forward", parallel, STAGE=2 if whole else 0, **dict(zip(("TM", "TN"), tiling.cpu_tiles(m, n, threads))))
-        return launches, (wk, bias), wk is w and (b is None or bias is b)
+        return plan(wk is w and (b is None or bias is b), wk, bias)
     p[slots.P_CB] = tiling.cpu_column_block(n, threads)
     if whole:
         launch("backward_columns", True, STAGE=1)  # dZ and db in parallel column blocks ...
@@ -254,55 +308,71 @@ def _plan(x, w, b, activation, slope, mask):
             launch("backward_columns", False, WHOLE=1, STAGE=2, CB=n)
         if mask[0]:
             launch("backward_rows", False, WHOLE=1, STAGE=2, CB=n, TM=m, TK=k)
-        return launches, (wk,), wk is w
+        return plan(wk is w, wk)
     launch("backward_columns", parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
     if mask[0]:
         launch("backward_rows", parallel, **dict(zip(("TM", "TK"), tiling.cpu_tiles(m, k, threads))))
-    return launches, (wk,), wk is w
+    return plan(wk is w, wk)
 
 
-# Launch plans by call signature. A plan holds W's and b's addresses but no reference to them,
-# so they are part of the key (address, shape, strides): the caller's W is the one the address
-# points into, and a new tensor is a new plan. Plans with copies made for this call only
-# (an oddly strided W or b) are not kept.
+# Launch plans by call signature. A kept plan holds W's and b's addresses but no reference to
+# them (a plan must not keep a model's weights alive), so they are part of the key (address,
+# shape, strides): the caller's W is the one the address points into, and a new tensor is a new
+# plan. The slope is keyed by its bits: -0.0 == 0.0 (and NaN != NaN) as floats.
 _plans: dict = {}
+_plans_lock = threading.Lock()  # for insertion and eviction; lookups take no lock
 _MAX_PLANS = 256
+_slope_bits = struct.Struct("<d").pack
 
 
-def _cached_plan(x, w, b, activation, slope, mask):
+def _cached_plan(x, w, b, activation, slope, mask) -> Plan | None:
     key = (x.shape, x.stride(), x.dtype, w.data_ptr(), w.shape, w.stride(),
            None if b is None or mask is not None else (b.data_ptr(), b.stride()),
-           activation, slope, mask, torch.get_num_threads(), _forked, BLAS_CHOICE)
+           activation, _slope_bits(slope), mask, torch.get_num_threads(), _fork_unsafe, BLAS_CHOICE)
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(x, w, b, activation, slope, mask)
-        if plan[2]:  # kept without W and b themselves (only a zero bias it made)
-            if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
-            _plans[key] = plan = (plan[0], tuple(t for t in plan[1] if t is not w and t is not b), True)
+        if plan is not None and plan.kept:
+            with _plans_lock:
+                while len(_plans) >= _MAX_PLANS:
+                    del _plans[next(iter(_plans))]  # the oldest; a call holding it runs on
+                _plans[key] = plan
     return plan
+
+
+def _reference():
+    from . import reference
+
+    return reference
 
 
 def forward(x, w, b, activation, slope):
     """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
+    if b is not None and not _has_storage(b):  # a sparse bias: no address to hand over
+        return _reference().forward(x, w, b, activation, slope)
+    plan = _cached_plan(x, w, b, activation, slope, None)  # held until the kernels have returned
+    if plan is None:
+        return _too_large().forward(x, w, b, activation, slope)
     (m, k), n = x.shape, w.shape[0]
-    launches = _cached_plan(x, w, b, activation, slope, None)[0]
     xk = matrix_operand(x)[0]
     a = x.new_empty((m, n))
-    keeps_z = _activation_slots(activation, slope)[2]
-    z = x.new_empty((m, n) if keeps_z else 0)
-    for address, call, template, parallel in launches:
+    z = x.new_empty((m, n) if plan.keeps_z else 0)
+    for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
-        p[P_X], p[P_A], p[P_Z] = xk.data_ptr(), a.data_ptr(), z.data_ptr() if keeps_z else 0
+        p[P_X], p[P_A], p[P_Z] = xk.data_ptr(), a.data_ptr(), z.data_ptr() if plan.keeps_z else 0
         _launch(address, call, p, parallel)
     return a, z
 
 
 def backward(grad, saved, x, w, activation, slope, mask):
     """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
-    (m, k), n = x.shape, w.shape[0]
+    if not (_has_storage(grad) and _has_storage(saved)):  # e.g. batched gradients (vmap)
+        return _reference().backward(grad, saved, x, w, activation, slope, mask)
     mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))
-    launches = _cached_plan(x, w, None, activation, slope, mask)[0]
+    plan = _cached_plan(x, w, None, activation, slope, mask)  # held until the kernels have returned
+    if plan is None:
+        return _too_large().backward(grad, saved, x, w, activation, slope, mask)
+    (m, k), n = x.shape, w.shape[0]
     xk = matrix_operand(x)[0]
     grad = grad.contiguous()
     saved = saved.contiguous()
@@ -310,13 +380,26 @@ def backward(grad, saved, x, w, activation, slope, mask):
     dx = x.new_empty((m, k) if mask[0] else 0)
     dw = x.new_empty((n, k) if mask[1] else 0)
     db = x.new_empty(n if mask[2] else 0)
-    for address, call, template, parallel in launches:
+    for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
         p[P_X], p[P_DA], p[P_SAVED], p[P_DZ] = xk.data_ptr(), grad.data_ptr(), saved.data_ptr() if saved.numel() else 0, dz.data_ptr()
         p[P_DX], p[P_DW], p[P_DB] = (dx.data_ptr() if mask[0] else 0, dw.data_ptr() if mask[1] else 0,
                                      db.data_ptr() if mask[2] else 0)
         _launch(address, call, p, parallel)
     return dx, dw, db
+
+
+def _too_large():
+    """The torch backend, for a problem whose sizes exceed BLAS's 32-bit ints (warned once)."""
+    global _large_warned
+    if not _large_warned:
+        _large_warned = True
+        warnings.warn(f"fusedlinear: a dimension exceeds BLAS's 32-bit limit ({BLAS_INT_MAX}); such calls run "
+                      "through plain PyTorch ops (backend 'torch')", RuntimeWarning, stacklevel=4)
+    return _reference()
+
+
+_large_warned = False
 
 
 def unavailable_reason() -> str | None:
