@@ -29,12 +29,8 @@ What this layer does for the kernels:
   (the libgomp PyTorch loaded), with ``torch.get_num_threads()`` threads: one pool for eager
   ops and fused ops, never two spinning side by side. One thread — ``torch.set_num_threads(1)``
   as in DataLoader workers, or a small problem — calls the kernel directly on the calling thread.
-* **Fork.** A child forked from a process that had more than one thread (an OpenMP pool may
-  exist, whoever started it: fusedlinear, PyTorch, MKL) must not use OpenMP again: libgomp's
-  pool is not fork-safe and GOMP_parallel would wait for threads the child does not have. The
-  parent's thread count is taken at ``os.fork`` (multiprocessing, DataLoader); a fork that did
-  not pass through it shows as a changed pid when the child builds a plan. There the kernels
-  run on the calling thread, with one warning.
+* **Fork.** In a child forked from a process that may have had an OpenMP pool (``FORK``, in
+  :mod:`fusedlinear.backend`), the kernels run on the calling thread, with one warning.
 * **Concurrency.** The kernel calls release the GIL; Python threads may call at once.
 """
 
@@ -55,6 +51,7 @@ from ..kernels import activations as _acts
 from ..kernels import cpu_params as slots
 from ..kernels import tiling
 from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
+from . import FORK
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
@@ -148,40 +145,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in _DTYPE_NAMES}
 
 
-def _thread_count() -> int:
-    """Threads in this process now (0 if unknown)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
-
-
-_pid = os.getpid()
-_parent_threads = 1  # the forking process's thread count, taken just before os.fork
-_fork_unsafe = False  # forked from a process that may have had an OpenMP pool: no OpenMP here
-
-
-def _before_fork() -> None:
-    global _parent_threads
-    _parent_threads = _thread_count()
-
-
-def _after_fork_in_child() -> None:
-    global _fork_unsafe, _pid
-    _fork_unsafe = _fork_unsafe or _parent_threads != 1
-    _pid = os.getpid()
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-
-
-def _check_fork() -> None:
-    """A fork that bypassed os.fork's hooks: the pid changed. Assume the parent had a pool."""
-    global _fork_unsafe, _pid
-    if os.getpid() != _pid:
-        _fork_unsafe, _pid = True, os.getpid()
-
-
 @functools.lru_cache(maxsize=None)
 def _entry(name: str, dtype) -> tuple[int, object]:
     """(address, ctypes callable) of kernel ``name`` for ``dtype``."""
@@ -194,11 +157,11 @@ def _launch(address: int, call, params: array.array, parallel: bool) -> None:
     PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread."""
     if parallel and torch.get_num_threads() > 1:
         omp = openmp()
-        if omp is not None and not _fork_unsafe:
+        if omp is not None and not FORK.unsafe:
             params[0], params[1] = omp["thread_num"], omp["num_threads"]
             omp["parallel"](address, params.buffer_info()[0], torch.get_num_threads(), 0)
             return
-        if _fork_unsafe:
+        if FORK.unsafe:
             _warn_fork_once()
     params[0] = params[1] = 0
     call(params.buffer_info()[0])
@@ -248,7 +211,7 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
     pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
     each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
     return (mkl and parallel and m >= tiling.CPU_WHOLE_MIN_ROWS and torch.get_num_threads() > 1
-            and not _fork_unsafe)  # MKL's own threads are OpenMP too: not in a forked child
+            and not FORK.unsafe)  # MKL's own threads are OpenMP too: not in a forked child
 
 
 class Plan(NamedTuple):
@@ -268,7 +231,7 @@ def _plan(x, w, b, activation, slope, mask) -> Plan | None:
     """The plan of a forward (``mask`` None) or a backward with that mask; None when BLAS's
     32-bit sizes cannot hold the problem."""
     (m, k), n = x.shape, w.shape[0]
-    _check_fork()
+    FORK.check()
     blas = blas_functions(m)
     mkl = blas["threads_fn"] != 0
     p = list(_template(x.dtype, "mkl" if mkl else "openblas"))
@@ -328,7 +291,7 @@ _slope_bits = struct.Struct("<d").pack
 def _cached_plan(x, w, b, activation, slope, mask) -> Plan | None:
     key = (x.shape, x.stride(), x.dtype, w.data_ptr(), w.shape, w.stride(),
            None if b is None or mask is not None else (b.data_ptr(), b.stride()),
-           activation, _slope_bits(slope), mask, torch.get_num_threads(), _fork_unsafe, BLAS_CHOICE)
+           activation, _slope_bits(slope), mask, torch.get_num_threads(), FORK.unsafe, BLAS_CHOICE)
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(x, w, b, activation, slope, mask)

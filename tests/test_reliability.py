@@ -122,3 +122,37 @@ def test_launch_plans_keep_no_weight_alive():
     del w, b
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+_FORK_AFTER_TORCH_POOL = r"""
+import os, signal, warnings
+import torch, torch.nn.functional as F
+import fusedlinear
+torch.set_num_threads(2)
+torch.manual_seed(0)
+x, w, b = torch.randn(96, 200, dtype=torch.float64), torch.randn(150, 200, dtype=torch.float64), torch.randn(150, dtype=torch.float64)
+ref = F.gelu(F.linear(x, w, b))  # float64 PyTorch; with the line below it starts PyTorch's OpenMP pool
+(torch.randn(4_000_000) + 1).exp_().sum()  # a parallel PyTorch op: the pool's threads exist now
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a hung child (GOMP_parallel waiting for threads it does not have) dies
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = fusedlinear.fused_linear(x, w, b, "gelu")  # 2*96*200*150 flops: the parallel path
+    ok = torch.allclose(out, ref, atol=1e-10, rtol=1e-10)  # float64: summation order only
+    warned = sum("forked" in str(c.message) for c in caught)
+    os._exit(0 if ok and warned == 1 else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_after_pytorch_started_the_pool():
+    """PyTorch (not fusedlinear) started the OpenMP pool before the fork: the child's fused call
+    must not wait for the pool's threads (they were not forked); it runs on one thread, warns once
+    and is right."""
+    out = _run_python(_FORK_AFTER_TORCH_POOL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "child 0", (out.stdout, out.stderr[-2000:])  # -14: killed by the alarm (hung)
