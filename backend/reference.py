@@ -46,7 +46,16 @@ def grad_z(grad, saved, activation, slope):
     return dz.to(grad.dtype)
 
 
+def layer(x, w, b, activation, slope):
+    """``activation(F.linear(x, w, b))`` alone: any input shape or layout torch takes (nested,
+    sparse), any tensor subclass or functorch transform; every op differentiable."""
+    return FORWARD[activation](F.linear(x, w, b), slope)
+
+
 def backward(grad, saved, x, w, activation, slope, mask):
+    """Every op is a differentiable torch op, so with grad mode on (``create_graph=True``) the
+    result carries a graph in ``grad``, ``saved``, ``x`` and ``w`` (and so second derivatives are
+    autograd's), and it runs on functorch's batched tensors (vmap, ``is_grads_batched``)."""
     dz = grad_z(grad, saved, activation, slope)
     dx = dz @ w if mask[0] else x.new_empty(0)
     dw = dz.t() @ x if mask[1] else x.new_empty(0)

@@ -77,14 +77,6 @@ def test_chain_gradcheck():
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_chain_refuses_double_backward():
-    x, _, _ = make_inputs((3,), 4, 1, torch.float64)
-    x.requires_grad_()
-    out = fusedlinear.fused_chain(x, _layers((4, 3, 2), ["relu"], torch.float64))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
-
-
 def test_chain_error_names_the_layer():
     x = torch.randn(2, 4)
     layers = [(torch.randn(3, 4), None, "relu", 0.0), (torch.randn(2, 5), None, "relu", 0.0)]

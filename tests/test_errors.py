@@ -1,10 +1,14 @@
 """Bad input raises the right exception with a message naming the bad value and the fix."""
 
+import contextlib
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedlinear
 from fusedlinear import FusedLinear, fused_linear
+from fusedlinear.torch_ext import FusedChainFunction
 
 X, W, B = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
 
@@ -52,17 +56,86 @@ def test_env_var_names_the_variable(monkeypatch):
     torch.testing.assert_close(fused_linear(X, W, B), torch.relu(torch.nn.functional.linear(X, W, B)))
 
 
-def test_double_backward_is_refused_clearly():
-    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    out = fused_linear(x, W.double(), B.double(), "tanh").sum()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out, x, create_graph=True)
-    (g,) = torch.autograd.grad(out, x)  # first-order gradients are unaffected
-    assert g.shape == x.shape
-
-
 def test_backends_report_why_they_cannot_run():
     report = fusedlinear.available_backends()
     assert report["numba"] == "ok" and report["torch"] == "ok"
     if not __import__("conftest").has_cuda_and_cupy():
         assert report["cupy"] != "ok" and ("fusedlinear[cuda]" in report["cupy"] or "device" in report["cupy"])
+
+
+# Every entry point validates: the autograd Functions and the torch.library ops (eager, and their
+# fake implementations, which torch.compile runs) raise what fused_linear raises, instead of
+# reading a float64 weight as float32, a short bias past its end, or a narrower/wider weight as K.
+_APPLY = lambda *a: fusedlinear.FusedLinearFunction.apply(*a)
+_OP = lambda *a: torch.ops.fusedlinear.linear_act(*a)
+_CHAIN = lambda x, w, b, act, slope: FusedChainFunction.apply(x, ((act, slope, b is not None),), *[t for t in (w, b) if t is not None])
+
+ENTRY_CASES = [
+    ("float64 weight", (X, W.double(), B, "relu", 0.01), TypeError, r"input is torch.float32 but weight is torch.float64"),
+    ("short bias", (X, W, torch.randn(4), "relu", 0.01), ValueError, r"bias must have shape \(5,\)"),
+    ("narrower weight", (X, torch.randn(5, 2), B, "relu", 0.01), ValueError, r"last dimension is 3.*in_features=2"),
+    ("wider weight", (X, torch.randn(5, 4), B, "relu", 0.01), ValueError, r"last dimension is 3.*in_features=4"),
+    ("unknown activation", (X, W, B, "swish", 0.01), ValueError, r"unknown activation 'swish'.*relu"),
+    ("3-D input", (X[None], W, B, "relu", 0.01), ValueError, r"input must be 2-D.*fused_linear"),
+    ("int input", (X.long(), W, B, "relu", 0.01), TypeError, r"input has dtype torch.int64"),
+    ("sparse input", (X.to_sparse(), W, B, "relu", 0.01), ValueError, r"input is layout torch.sparse_coo.*input.to_dense\(\)"),
+    ("meta weight", (X, W.to("meta"), B, "relu", 0.01), RuntimeError, r"input is on cpu but weight is on meta"),
+]
+_ENTRIES = {"FusedLinearFunction.apply": _APPLY, "linear_act": _OP, "FusedChainFunction.apply": _CHAIN}
+
+
+@pytest.mark.parametrize("entry", _ENTRIES)
+@pytest.mark.parametrize("args,exc,pattern", [c[1:] for c in ENTRY_CASES], ids=[c[0] for c in ENTRY_CASES])
+def test_every_entry_point_validates(entry, args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        _ENTRIES[entry](*args)
+
+
+@pytest.mark.parametrize("args,exc,pattern", [c[1:] for c in ENTRY_CASES if "sparse" not in c[0]],
+                         ids=[c[0] for c in ENTRY_CASES if "sparse" not in c[0]])
+def test_fake_implementation_validates(args, exc, pattern):
+    """What torch.compile sees (FakeTensorMode runs the op's fake implementation)."""
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(exc, match=pattern):
+            torch.ops.fusedlinear.linear_act(*fake)
+
+
+_G, _S = torch.randn(4, 5), torch.randn(4, 5)
+BACKWARD_CASES = [
+    ("grad shape", (torch.randn(4, 4), _S, X, W, "tanh", 0.01, [True] * 3), ValueError, r"grad has shape \(4, 4\), expected \(4, 5\)"),
+    ("saved shape", (_G, torch.randn(3, 5), X, W, "tanh", 0.01, [True] * 3), ValueError, r"saved has shape \(3, 5\), expected \(4, 5\)"),
+    ("grad dtype", (_G.double(), _S, X, W, "tanh", 0.01, [True] * 3), TypeError, r"grad is Tensor\(4, 5\) torch.float64"),
+    ("weight dtype", (_G, _S, X, W.double(), "tanh", 0.01, [True] * 3), TypeError, r"input is torch.float32 but weight is torch.float64"),
+    ("activation", (_G, _S, X, W, "swish", 0.01, [True] * 3), ValueError, r"unknown activation 'swish'"),
+]
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("args,exc,pattern", [c[1:] for c in BACKWARD_CASES], ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_op_validates(args, exc, pattern, fake):
+    with FakeTensorMode() if fake else contextlib.nullcontext() as mode:
+        if fake:
+            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(exc, match=pattern):
+            torch.ops.fusedlinear.linear_act_backward(*args)
+
+
+def test_chain_apply_validates_spec_and_later_layers():
+    with pytest.raises(ValueError, match=r"spec must hold \(activation, negative_slope, has_bias\).*1 layers, 1 params"):
+        FusedChainFunction.apply(X, (("relu", 0.01, True),), W)
+    with pytest.raises(ValueError, match=r"layer 1: its input has 5 features.*in_features=3"):
+        FusedChainFunction.apply(X, (("relu", 0.01, False), ("relu", 0.01, False)), W, W)
+
+
+@pytest.mark.parametrize("slope,pattern", [
+    (torch.tensor(0.1), r"negative_slope must be a Python number, got a tensor.*float\(negative_slope\)"),
+    (True, r"negative_slope must be a real number, got True"),
+    ("0.1", r"negative_slope must be a real number, got '0.1'"),
+])
+def test_slope_must_be_a_number(slope, pattern):
+    """A tensor slope is refused (no gradient would flow into it, and reading it costs a sync);
+    a bool is a mistake (True is 1.0); an int is a number (test_autograd_behaviour)."""
+    for call in (lambda: fused_linear(X, W, B, "leaky_relu", slope), lambda: _APPLY(X, W, B, "leaky_relu", slope)):
+        with pytest.raises(TypeError, match=pattern):
+            call()

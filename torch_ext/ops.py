@@ -12,6 +12,18 @@ They are defined with ``torch.library.Library`` (lighter per call than ``custom_
 call :mod:`fusedlinear.backend`, which picks the kernels. ``FusedLinearFunction`` glues them
 to autograd: it saves what the activation table says backward needs, and asks backward only
 for the gradients autograd needs.
+
+Every entry point (``fused_linear``, ``fused_chain``, both Functions' ``apply``, both ops and
+their fake implementations) validates its arguments: :func:`_valid` passes the common call in a
+few cheap tests, :func:`_check` names the bad value and the fix. What the kernels cannot take
+runs as plain PyTorch ops (:mod:`fusedlinear.backend.reference`), giving what
+``nn.Linear`` + activation gives:
+
+* autocast: input, weight and bias are cast to the autocast dtype first, as ``F.linear`` is;
+* functorch transforms (``torch.func.vmap/grad/jacrev``) and non-strided layouts (sparse,
+  mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole call is plain ops;
+* a backward with ``create_graph=True`` or on batched gradients (``is_grads_batched``,
+  ``jacobian(vectorize=True)``): the backward formulas as differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import numbers
 import torch
 
 from .. import backend
+from ..backend import reference as _reference
 from ..kernels import activations as _acts
 
 _lib = torch.library.Library("fusedlinear", "DEF")
@@ -35,10 +48,12 @@ _lib.define(
 
 
 def _linear_act(input, weight, bias, activation, negative_slope):
+    _check_op(input, weight, bias, activation, negative_slope)
     return backend.forward(input, weight, bias, activation, negative_slope)
 
 
 def _linear_act_backward(grad, saved, input, weight, activation, negative_slope, output_mask):
+    _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask)
     return backend.backward(grad, saved, input, weight, activation, negative_slope, output_mask)
 
 
@@ -48,6 +63,7 @@ _lib.impl("linear_act_backward", _linear_act_backward, "CompositeExplicitAutogra
 
 @torch.library.register_fake("fusedlinear::linear_act", lib=_lib)
 def _linear_act_fake(input, weight, bias, activation, negative_slope):
+    _check_op(input, weight, bias, activation, negative_slope)
     shape = (input.shape[0], weight.shape[0])
     keep_z = _acts.ACTIVATIONS[activation].saves == "z"
     return input.new_empty(shape), input.new_empty(shape if keep_z else (0,))
@@ -55,6 +71,7 @@ def _linear_act_fake(input, weight, bias, activation, negative_slope):
 
 @torch.library.register_fake("fusedlinear::linear_act_backward", lib=_lib)
 def _linear_act_backward_fake(grad, saved, input, weight, activation, negative_slope, output_mask):
+    _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask)
     return (
         input.new_empty(input.shape if output_mask[0] else (0,)),
         input.new_empty(weight.shape if output_mask[1] else (0,)),
@@ -76,14 +93,33 @@ def _kept(activation: str, a, z):
     return a if _acts.ACTIVATIONS[activation].saves == "a" else z
 
 
-def _refuse_double_backward() -> None:
-    """The backward kernels are not differentiable: refuse create_graph=True instead of returning
-    gradients without a graph."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fusedlinear: double backward (create_graph=True) is not supported by fused layers; "
-            "use plain nn.Linear + activation for higher-order gradients (fusedlinear.unfuse(model))"
-        )
+def _plain_mode() -> bool:
+    """No autocast and no functorch transform (vmap, grad, jacrev, ...) is active: the kernels may run."""
+    return not (torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active())
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """A functorch-wrapped tensor (vmap's batched gradients, ``is_grads_batched``): it has no
+    storage a kernel could read."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _needs_plain_ops(grad: torch.Tensor) -> bool:
+    """Whether a backward must run as torch ops: with ``create_graph=True`` (grad mode is on in
+    backward; the kernels' result would have no graph) or on batched gradients (which Dynamo
+    never traces, and could not: the functorch tests are C functions it does not know)."""
+    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _batched(grad))
+
+
+_base_apply = torch.autograd.Function.apply.__func__
+
+
+def _apply(cls, *args):
+    """``cls.apply`` without the validation its override adds, for callers that validated.
+    Under torch.compile, ``cls.apply``: Dynamo traces forward/backward and never runs an override."""
+    if torch.compiler.is_compiling():
+        return cls.apply(*args)
+    return _base_apply(cls, *args)
 
 
 class FusedLinearFunction(torch.autograd.Function):
@@ -97,7 +133,7 @@ class FusedLinearFunction(torch.autograd.Function):
             a, z = backend.forward(input, weight, bias, activation, negative_slope)
         else:
             a, z = torch.ops.fusedlinear.linear_act(input, weight, bias, activation, negative_slope)
-        ctx.save_for_backward(input, weight, _kept(activation, a, z))
+        ctx.save_for_backward(input, weight, bias, _kept(activation, a, z))  # bias: for create_graph
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         ctx.mark_non_differentiable(z)
@@ -105,14 +141,28 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_a, grad_z):
-        _refuse_double_backward()
-        input, weight, saved = ctx.saved_tensors
+        input, weight, bias, saved = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         if grad_a is None:
             return None, None, None, None, None
-        op = backend.backward if _direct(grad_a) else torch.ops.fusedlinear.linear_act_backward
+        if _needs_plain_ops(grad_a):
+            if torch.is_grad_enabled():  # create_graph: g'(Z) from Z recomputed with a graph in X, W, b
+                saved = _kept(ctx.activation, *_reference.forward(input, weight, bias, ctx.activation, ctx.negative_slope))
+            op = _reference.backward
+        else:
+            op = backend.backward if _direct(grad_a) else torch.ops.fusedlinear.linear_act_backward
         dx, dw, db = op(grad_a, saved, input, weight, ctx.activation, ctx.negative_slope, mask)
         return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
+
+    @classmethod
+    def apply(cls, input, weight, bias=None, activation="relu", negative_slope=0.01):
+        """Validated like :func:`fused_linear` (``input`` must be 2-D, strided); under a functorch
+        transform it runs as plain torch ops, under autocast in the autocast dtype."""
+        if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):
+            input, weight, bias, plain = _prepare(input, weight, bias, activation, negative_slope, rows=True)
+            if plain:
+                return _reference.forward(input, weight, bias, activation, float(negative_slope))
+        return _base_apply(cls, input, weight, bias, activation, float(negative_slope))
 
 
 def _name(t) -> str:
@@ -120,30 +170,75 @@ def _name(t) -> str:
 
 
 _COMMON_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STRIDED = torch.strided
 
 
 def _valid(input, weight, bias, activation, negative_slope, features=None) -> bool:
-    """The common valid call (CPU tensors of one float dtype, shapes that fit, a known activation)
-    in a few cheap tests, ~1 us less per layer than :func:`_check`; anything else goes there."""
+    """The common valid call (strided CPU tensors of one float dtype, shapes that fit, a known
+    activation, no autocast or functorch transform) in a few cheap tests, ~1 us less per layer
+    than :func:`_prepare`; anything else goes there."""
     if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and input.is_cpu and weight.is_cpu):
         return False
     dtype = input.dtype
     return (weight.dtype == dtype and dtype in _COMMON_FLOATS and weight.dim() == 2 and input.dim() > 0
+            and input.layout is _STRIDED and weight.layout is _STRIDED and not (input.is_nested or weight.is_nested)
             and (input.shape[-1] if features is None else features) == weight.shape[1]
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype == dtype
-                                  and bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-            and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float)
+                                  and bias.dim() == 1 and bias.layout is _STRIDED and bias.shape[0] == weight.shape[0]))
+            and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float
+            and _plain_mode())
 
 
-def _check(input, weight, bias, activation, negative_slope, features=None, where="") -> None:
+def _not_strided(t) -> bool:
+    return t is not None and (t.layout is not _STRIDED or t.is_nested)
+
+
+def _layout_fix(label: str, t) -> str:
+    kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+    fix = f"{label}.to_padded_tensor(0.0)" if t.is_nested else f"{label}.to_dense()"
+    return f"{label} is {kind}; the fused kernels take dense strided tensors: convert with {fix}"
+
+
+def _autocast(input, weight, bias):
+    """Under autocast for the input's device, the floating tensors cast to the autocast dtype,
+    as autocast casts ``F.linear``'s (float64 excepted, as autocast does)."""
+    if not (isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+    return cast(input), cast(weight), cast(bias)
+
+
+def _prepare(input, weight, bias, activation, negative_slope, features=None, where="", rows=False):
+    """The slow path of an entry point: validate (:func:`_check`), apply autocast, and say whether
+    the call must run as plain torch ops (a functorch transform, a non-strided layout; only the
+    functional API takes those, ``rows`` entry points reject the layouts).
+    Returns (input, weight, bias, plain)."""
+    if torch._C._is_any_autocast_enabled():
+        input, weight, bias = _autocast(input, weight, bias)
+    _check(input, weight, bias, activation, negative_slope, features, where, rows=rows, strict=rows)
+    plain = torch._C._are_functorch_transforms_active() or any(map(_not_strided, (input, weight, bias)))
+    return input, weight, bias, plain
+
+
+def _check(input, weight, bias, activation, negative_slope, features=None, where="", rows=False, strict=False) -> None:
     """Validation at the public entry point; the messages name the bad value and the fix.
     ``features``: the input's last dimension where it is not ``input``'s (a later layer of a chain),
-    ``where``: which layer of a chain, for the messages."""
+    ``where``: which layer of a chain, for the messages; ``rows``: the input must be 2-D (the
+    Functions and ops); ``strict``: non-strided layouts are an error (else plain torch ops run them)."""
     for label, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_linear: {where}{label} must be a torch.Tensor, got {_name(t)}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"fused_linear: {where}bias must be a torch.Tensor or None, got {_name(bias)}")
+    _acts.check_activation(activation)
+    if isinstance(negative_slope, torch.Tensor):
+        raise TypeError(
+            f"fused_linear: {where}negative_slope must be a Python number, got a tensor ({_name(negative_slope)}); "
+            f"pass float(negative_slope) (the slope is a constant: no gradient flows into it)"
+        )
+    if not isinstance(negative_slope, numbers.Real) or isinstance(negative_slope, bool):
+        raise TypeError(f"fused_linear: {where}negative_slope must be a real number, got {negative_slope!r}")
     for label, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and (not t.is_floating_point() or t.is_complex()):
             raise TypeError(
@@ -161,10 +256,21 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
                 f"fused_linear: {where}input is on {input.device} but {label} is on {t.device}; "
                 f"move them to one device (e.g. input.to({label}.device))"
             )
+    for label, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if _not_strided(t):
+            if strict:
+                raise ValueError(f"fused_linear: {where}{_layout_fix(label, t)} (or call fused_linear, "
+                                 f"which runs other layouts as plain torch ops)")
+            return  # plain torch ops run it and check its shapes, as for nn.Linear
     if weight.dim() != 2:
         raise ValueError(f"fused_linear: {where}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() == 0:
         raise ValueError("fused_linear: input must have at least 1 dimension (*, in_features), got a 0-d tensor")
+    if rows and input.dim() != 2:
+        raise ValueError(
+            f"fused_linear: {where}input must be 2-D (rows, in_features) here, got shape {tuple(input.shape)}; "
+            f"call fused_linear / fused_chain, which take any leading dimensions"
+        )
     if features is not None and features != weight.shape[1]:
         raise ValueError(
             f"fused_linear: {where}its input has {features} features (the layer before has out_features="
@@ -181,9 +287,36 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
         raise ValueError(
             f"fused_linear: {where}bias must have shape ({weight.shape[0]},) = (out_features,), got {tuple(bias.shape)}"
         )
-    _acts.check_activation(activation)
-    if not isinstance(negative_slope, numbers.Real) or isinstance(negative_slope, bool):
-        raise TypeError(f"fused_linear: {where}negative_slope must be a real number, got {negative_slope!r}")
+
+
+def _check_op(input, weight, bias, activation, negative_slope) -> None:
+    """``fusedlinear::linear_act``'s validation (eager and fake): 2-D strided input."""
+    if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):
+        _check(input, weight, bias, activation, negative_slope, rows=True, strict=True)
+
+
+def _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask) -> None:
+    """``fusedlinear::linear_act_backward``'s validation (eager and fake): the forward's checks on
+    (input, weight), then ``grad`` (and ``saved`` where the activation keeps one) of shape (M, N)."""
+    _check_op(input, weight, None, activation, negative_slope)
+    shape = (input.shape[0], weight.shape[0])
+    keeps = _acts.ACTIVATIONS[activation].saves != "none"
+    for label, t in (("grad", grad), ("saved", saved)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_linear backward: {label} must be a torch.Tensor, got {_name(t)}")
+        if t.dtype != input.dtype or t.device != input.device or _not_strided(t):
+            raise TypeError(
+                f"fused_linear backward: {label} is {_name(t)} (layout {t.layout}) but input is {input.dtype} on "
+                f"{input.device}; pass a dense tensor of the input's dtype and device (e.g. {label}.to(input))"
+            )
+        if (label == "grad" or keeps) and tuple(t.shape) != shape:
+            what = "the forward's output" if label == "grad" else f"the forward's {_acts.ACTIVATIONS[activation].saves.upper()}"
+            raise ValueError(
+                f"fused_linear backward: {label} has shape {tuple(t.shape)}, expected {shape} = (rows, out_features), "
+                f"the shape of {what}"
+            )
+    if len(output_mask) != 3:
+        raise ValueError(f"fused_linear backward: output_mask must have 3 entries (dX, dW, db), got {list(output_mask)}")
 
 
 def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.01):
@@ -196,15 +329,36 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or ``None``.
         activation: one of ``identity, relu, sigmoid, tanh, gelu, gelu_tanh, silu, leaky_relu``.
-        negative_slope: the slope of ``leaky_relu`` for negative inputs (ignored otherwise).
+        negative_slope: the slope of ``leaky_relu`` for negative inputs (ignored otherwise); a
+            Python number (a tensor is refused: no gradient would flow into it).
 
     Returns:
         ``(*, out_features)``, equal to ``act(F.linear(input, weight, bias))``, with gradients
-        equal to autograd's for every input that requires them.
+        equal to autograd's for every input that requires them (second derivatives included).
+        Under autocast it computes in the autocast dtype, as ``F.linear`` does; under
+        ``torch.func`` transforms and for sparse, mkldnn or nested tensors it runs as those plain
+        torch ops.
     """
     if not _valid(input, weight, bias, activation, negative_slope):
-        _check(input, weight, bias, activation, negative_slope)
-    return _on_rows(input, lambda x: FusedLinearFunction.apply(x, weight, bias, activation, float(negative_slope))[0])
+        input, weight, bias, plain = _prepare(input, weight, bias, activation, negative_slope)
+        if plain:
+            return _plain_layers(input, [(weight, bias, activation, float(negative_slope))])
+    return _on_rows(input, lambda x: _apply(FusedLinearFunction, x, weight, bias, activation, float(negative_slope))[0])
+
+
+def _plain_layers(input, layers):
+    """The layers as plain torch ops (``act(F.linear(h, W, b))``), so a functorch transform, a
+    sparse, mkldnn or nested tensor gets what ``nn.Linear`` + activation gives; where torch itself
+    cannot run a layout, its error gets a note naming the layout and the fix."""
+    for weight, bias, activation, slope in layers:
+        try:
+            input = _reference.layer(input, weight, bias, activation, slope)
+        except (RuntimeError, NotImplementedError) as exc:
+            for label, t in (("input", input), ("weight", weight), ("bias", bias)):
+                if _not_strided(t):
+                    exc.add_note(f"fusedlinear: plain torch ops ran this layer because {_layout_fix(label, t)}")
+            raise
+    return input
 
 
 def _on_rows(input, fn):
@@ -228,6 +382,15 @@ def _chain_op(input, params, name, library_op, grad=None):
     return getattr(backend, name)
 
 
+def _layers(spec, params):
+    """(weight, bias or None, activation, slope) per layer, from a chain's ``spec`` and ``params``."""
+    layers, i = [], 0
+    for activation, slope, has_bias in spec:
+        layers.append((params[i], params[i + 1] if has_bias else None, activation, slope))
+        i += 1 + has_bias
+    return layers
+
+
 class FusedChainFunction(torch.autograd.Function):
     """Fused layers applied one after another, as one autograd node::
 
@@ -241,35 +404,39 @@ class FusedChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, spec, *params):
-        h, keep, i = input, [], 0
+        h, keep = input, []
         op = _chain_op(input, params, "forward", torch.ops.fusedlinear.linear_act)
-        weights = []
-        for activation, slope, has_bias in spec:
-            weight, bias = params[i], (params[i + 1] if has_bias else None)
-            i += 1 + has_bias
+        for weight, bias, activation, slope in _layers(spec, params):
             a, z = op(h, weight, bias, activation, slope)
             keep += [h, _kept(activation, a, z)]
-            weights.append(weight)
             h = a
-        ctx.save_for_backward(*keep, *weights)  # backward needs no bias
+        ctx.save_for_backward(*keep, *params)  # biases: for create_graph
         ctx.spec = spec
         return h
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_double_backward()
         spec, needs = ctx.spec, ctx.needs_input_grad
         saved = ctx.saved_tensors
-        weights = saved[2 * len(spec):]
-        op = _chain_op(saved[0], weights, "backward", torch.ops.fusedlinear.linear_act_backward, grad)
-        grads = [None] * (len(needs) - 2)  # one per parameter (weights and biases, in order)
+        params = saved[2 * len(spec):]
+        if _needs_plain_ops(grad):
+            op = _reference.backward
+            if torch.is_grad_enabled():  # create_graph: every h_i and g'(Z_i) recomputed with a graph
+                saved, h = [], saved[0]
+                for weight, bias, activation, slope in _layers(spec, params):
+                    a, z = _reference.forward(h, weight, bias, activation, slope)
+                    saved += [h, _kept(activation, a, z)]
+                    h = a
+        else:
+            op = _chain_op(saved[0], params, "backward", torch.ops.fusedlinear.linear_act_backward, grad)
+        grads = [None] * len(params)  # one per parameter (weights and biases, in order)
         i = len(grads)
         for layer in range(len(spec) - 1, -1, -1):
             activation, slope, has_bias = spec[layer]
             i -= 1 + has_bias
             earlier = needs[0] or any(needs[2:2 + i])  # does anything before this layer need a gradient?
             mask = [earlier, needs[2 + i], has_bias and needs[3 + i]]
-            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], weights[layer], activation, slope, mask)
+            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], params[i], activation, slope, mask)
             grads[i] = dw if mask[1] else None
             if has_bias:
                 grads[i + 1] = db if mask[2] else None
@@ -278,6 +445,19 @@ class FusedChainFunction(torch.autograd.Function):
             grad = dx
         return (grad if needs[0] else None), None, *grads
 
+    @classmethod
+    def apply(cls, input, spec, *params):
+        """Validated like :func:`fused_chain` (``input`` must be 2-D, strided; ``spec`` a sequence of
+        (activation, slope, has_bias)); an empty ``spec`` returns ``input``."""
+        spec = tuple(spec)
+        if not all(isinstance(s, tuple) and len(s) == 3 for s in spec) or len(params) != sum(1 + bool(s[2]) for s in spec):
+            raise ValueError(
+                f"FusedChainFunction.apply: spec must hold (activation, negative_slope, has_bias) per layer and "
+                f"params one weight per layer plus one bias per layer with has_bias; got {len(spec)} layers, "
+                f"{len(params)} params; use fused_chain(input, [(weight, bias, activation, slope), ...])"
+            )
+        return _chain(input, _layers(spec, params), rows=True)
+
 
 def fused_chain(input, layers):
     r"""Applies fused layers one after another, ``h = act_i(h @ W_i.T + b_i)``, as one autograd node.
@@ -285,14 +465,29 @@ def fused_chain(input, layers):
     ``layers``: a sequence of ``(weight, bias or None, activation, negative_slope)``. Equal to
     calling :func:`fused_linear` layer by layer, values and gradients alike; faster at small
     batches, where each autograd node's own overhead is a large part of a layer's time.
+    An empty sequence returns ``input``, as an empty ``nn.Sequential`` does.
     :class:`FusedSequential` calls this for its runs of linear layers.
     """
-    spec, params, features = [], [], None
+    return _chain(input, layers)
+
+
+def _chain(input, layers, rows=False):
+    """fused_chain and FusedChainFunction.apply: validate each layer, then one FusedChainFunction
+    node (or plain torch ops layer by layer, where :func:`_prepare` says so)."""
+    spec, params, features, plain = [], [], None, False
     for n, (weight, bias, activation, slope) in enumerate(layers):
-        if not _valid(input, weight, bias, activation, slope, features):
-            _check(input, weight, bias, activation, slope, features, f"layer {n}: " if n else "")
+        if rows or not _valid(input, weight, bias, activation, slope, features):
+            # Autocast casts each layer's tensors; the input, cast once, is checked with layer 0.
+            x, weight, bias, special = _prepare(input, weight, bias, activation, slope, features,
+                                                f"layer {n}: " if n else "", rows)
+            input, plain = (x if n == 0 else input), plain or special
         features = weight.shape[0]  # the next layer's input has out_features columns
         spec.append((activation, float(slope), bias is not None))
         params += [weight] if bias is None else [weight, bias]
+    if not spec:
+        return input
+    if plain:
+        return _plain_layers(input, _layers(spec, params))
     spec = tuple(spec)
-    return _on_rows(input, lambda x: FusedChainFunction.apply(x, spec, *params))
+    run = _base_apply if rows else _apply  # rows: called from the apply override itself
+    return _on_rows(input, lambda x: run(FusedChainFunction, x, spec, *params))
