@@ -137,9 +137,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.lru_cache(maxsize=None)
-def _entry(name: str, dtype) -> tuple[int, object]:
-    """(address, ctypes callable) of kernel ``name`` for ``dtype``."""
-    address = _kernels().KERNELS[(name, _DTYPE_NAMES[dtype])].address
+def _entry(phase: str, activation: str, dtype) -> tuple[int, object]:
+    """(address, ctypes callable) of the kernel for ``phase``, ``activation`` and ``dtype``:
+    loaded from the disk cache or compiled on first use (kernels.cpu.load)."""
+    address = _kernels().load([(phase, activation, _DTYPE_NAMES[dtype])])[0].address
     return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
 
 
@@ -237,7 +238,7 @@ def _plan(x, w, b, activation, slope, mask):
     def launch(name, run_parallel, **values):
         for slot, value in values.items():
             p[getattr(slots, f"P_{slot}")] = value
-        launches.append((*_entry(name, x.dtype), tuple(p), run_parallel))
+        launches.append((*_entry(name, activation, x.dtype), tuple(p), run_parallel))
 
     if mask is None:  # forward
         bias = b.contiguous() if b is not None else x.new_zeros(n)
