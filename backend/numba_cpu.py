@@ -146,9 +146,10 @@ _SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for
 
 
 @functools.lru_cache(maxsize=None)
-def _entry(name: str, dtype) -> tuple[int, object]:
-    """(address, ctypes callable) of kernel ``name`` for ``dtype``."""
-    address = _kernels().KERNELS[(name, _DTYPE_NAMES[dtype])].address
+def _entry(phase: str, activation: str, dtype) -> tuple[int, object]:
+    """(address, ctypes callable) of the kernel for ``phase``, ``activation`` and ``dtype``:
+    loaded from the disk cache or compiled on first use (kernels.cpu.load)."""
+    address = _kernels().load([(phase, activation, _DTYPE_NAMES[dtype])])[0].address
     return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
 
 
@@ -251,7 +252,7 @@ def _plan(x, w, b, activation, slope, mask) -> Plan | None:
     def launch(name, run_parallel, **values):
         for slot, value in values.items():
             p[getattr(slots, f"P_{slot}")] = value
-        launches.append((*_entry(name, x.dtype), tuple(p), run_parallel))
+        launches.append((*_entry(name, activation, x.dtype), tuple(p), run_parallel))
 
     def plan(kept, *made):  # owns what it made; the caller holds its own W and b
         return Plan(tuple(launches), keeps_z, tuple(t for t in made if t is not w and t is not b), kept)

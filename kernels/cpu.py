@@ -19,6 +19,14 @@ Backward, given dA::
 
 No 1/M factor anywhere: the mean of the loss already carries it, and these must equal autograd.
 
+Compiled on first use, one kernel per (phase, activation, dtype). The activation is a
+compile-time constant: its element-wise loops (from the table in kernels/activations.py) are
+written into the kernel's own small generated module, which Numba compiles and caches on disk
+(``load``). The module's file name carries a digest of everything that generates the kernel —
+its text (the formulas), the sources of this file, _numba_runtime.py and cpu_params.py, and the
+Numba, llvmlite and NumPy versions — so a change to any of them compiles a fresh kernel instead
+of loading a stale one (Numba keys its cache on the source file, here that generated file).
+
 Calling convention. Each kernel is a Numba ``cfunc`` ``void kernel(void *params)``: ``params``
 is an int64 block (indices ``P_*`` below) of addresses, sizes and flags. The caller runs it
 either directly (one thread) or as the body of ``GOMP_parallel(kernel, params, threads, 0)``
@@ -32,8 +40,14 @@ Accumulation is in the input dtype (BLAS sgemm/dgemm), except db, summed in floa
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import math
 import os
+import sys
+import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -48,6 +62,11 @@ from .cpu_params import (  # noqa: F401  (the backend reads them here too)
     P_W, P_WHOLE, P_X, P_Z,
 )
 
+SIGNATURE = types.void(types.voidptr)  # void kernel(void *params)
+PHASES = ("forward", "backward_columns", "backward_rows")
+DTYPES = ("float32", "float64")
+exp, tanh, erf = math.exp, math.tanh, math.erf  # the table's functions, for the generated modules
+
 
 @njit(inline="always")
 def where(cond, x, y):
@@ -59,44 +78,9 @@ def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def _generate_elementwise() -> str:
-    """Source of ``_epilogue`` and ``_grad``: one loop nest per activation of the table.
-
-    Rows are walked through 1-D slices indexed from 0: with indices from a run-time start
-    Numba must allow negative (wrap-around) indices and the loop does not vectorise (8x slower
-    for the ReLU epilogue, measured on 1024 x 512 float32)."""
-    fwd = ["def _epilogue(src, a, bias, r0, r1, c0, c1, act, s):", "    b_ = bias[c0:c1]"]
-    bwd = ["def _grad(dz, dA, saved, r0, r1, c0, c1, act, s):"]
-    for i, act in enumerate(_acts.ACTIVATIONS.values()):
-        kw = "if" if i == 0 else "elif"
-        fwd += [
-            f"    {kw} act == {i}:  # {act.name}",
-            "        for i in range(r0, r1):",
-            "            z_, a_ = src[i, c0:c1], a[i, c0:c1]",
-            "            for j in range(a_.shape[0]):",
-            "                z = z_[j] + b_[j]",
-        ]
-        if act.saves == "z":  # src is Z's buffer: keep Z for backward
-            fwd.append("                z_[j] = z")
-        fwd.append(f"                a_[j] = {act.forward}")
-        saved = _acts.saved_name(act)
-        bwd += [
-            f"    {kw} act == {i}:  # {act.name}",
-            "        for i in range(r0, r1):",
-            "            dz_, da_, v_ = dz[i, c0:c1], dA[i, c0:c1], saved[i, c0:c1]",
-            "            for j in range(dz_.shape[0]):",
-            "                da = da_[j]",
-        ]
-        if saved:
-            bwd.append(f"                {saved} = v_[j]")
-        bwd.append(f"                dz_[j] = {act.backward}")
-    return "\n".join(fwd + [""] + bwd) + "\n"
-
-
-_namespace = {"math": math, "exp": math.exp, "tanh": math.tanh, "erf": math.erf, "where": where, "sigmoid": sigmoid}
-exec(compile(_generate_elementwise(), f"<fusedlinear activation table {_acts.table_digest()}>", "exec"), _namespace)
-_epilogue = njit(inline="always")(_namespace["_epilogue"])
-_grad = njit(inline="always")(_namespace["_grad"])
+@njit(inline="always")
+def _params(data):
+    return carray(i64_ptr(address_of(data)), (N_PARAMS,))
 
 
 @njit(inline="always")
@@ -118,77 +102,101 @@ def _slope(P):
     return carray(f64_ptr(P.ctypes.data), (N_PARAMS,))[P_SLOPE]
 
 
-@njit
-def _forward_tiles(P, a, src, bias):
-    """A = g(X Wᵀ + b) over this thread's output tiles; BLAS writes Z into ``src`` (Z's buffer
-    when the activation keeps Z, else A itself), the epilogue adds b and applies g in place."""
-    tid, nth = _team(P)
-    M, N, K = P[P_M], P[P_N], P[P_K]
-    tm, tn = P[P_TM], P[P_TN]
-    item = a.itemsize
-    act, slope = P[P_ACT], _slope(P)
-    tx, tw = P[P_TX] != 0, P[P_TW] != 0
-    stage = P[P_STAGE]
-    tiles_n = (N + tn - 1) // tn
-    for t in range(tid, ((M + tm - 1) // tm) * tiles_n, nth):
-        r0 = (t // tiles_n) * tm
-        c0 = (t % tiles_n) * tn
-        r1 = min(r0 + tm, M)
-        c1 = min(c0 + tn, N)
-        if stage != 2:  # Z[r0:r1, c0:c1] = X[r0:r1, :] @ (W[c0:c1, :])ᵀ
-            gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], r1 - r0, c1 - c0, K,
-                 address(P[P_X], P[P_LDX], tx, r0, 0, item), P[P_LDX], tx,
-                 address(P[P_W], P[P_LDW], tw, c0, 0, item), P[P_LDW], not tw,
-                 src.ctypes.data + (r0 * N + c0) * item, N)
-        if stage != 1:
-            _epilogue(src, a, bias, r0, r1, c0, c1, act, slope)
+# ---- the kernels' bodies; ``epilogue``/``grad``: one activation's element-wise loops --------
+
+def forward_body(epilogue):
+    """The forward kernel for one activation: ``body(params address, a zero of the dtype)``."""
+
+    @njit
+    def forward(data, zero):
+        """A = g(X Wᵀ + b) over this thread's output tiles; BLAS writes Z into ``src`` (Z's buffer
+        when the activation keeps Z, else A itself), the epilogue adds b and applies g in place."""
+        P = _params(data)
+        tid, nth = _team(P)
+        M, N, K = P[P_M], P[P_N], P[P_K]
+        a = carray(typed_ptr(P[P_A], zero), (M, N))
+        src = carray(typed_ptr(P[P_Z] if P[P_Z] != 0 else P[P_A], zero), (M, N))
+        bias = carray(typed_ptr(P[P_BIAS], zero), (N,))
+        tm, tn = P[P_TM], P[P_TN]
+        item = a.itemsize
+        slope = _slope(P)
+        tx, tw = P[P_TX] != 0, P[P_TW] != 0
+        stage = P[P_STAGE]
+        tiles_n = (N + tn - 1) // tn
+        for t in range(tid, ((M + tm - 1) // tm) * tiles_n, nth):
+            r0 = (t // tiles_n) * tm
+            c0 = (t % tiles_n) * tn
+            r1 = min(r0 + tm, M)
+            c1 = min(c0 + tn, N)
+            if stage != 2:  # Z[r0:r1, c0:c1] = X[r0:r1, :] @ (W[c0:c1, :])ᵀ
+                gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], r1 - r0, c1 - c0, K,
+                     address(P[P_X], P[P_LDX], tx, r0, 0, item), P[P_LDX], tx,
+                     address(P[P_W], P[P_LDW], tw, c0, 0, item), P[P_LDW], not tw,
+                     src.ctypes.data + (r0 * N + c0) * item, N)
+            if stage != 1:
+                epilogue(src, a, bias, r0, r1, c0, c1, slope)
+
+    return forward
 
 
-@njit
-def _backward_columns(P, dA, saved, dz, db, x_row, dw):
-    """Phase 1, per block of columns: dZ = dA ⊙ g'(saved); db = Σ_rows dZ; dW = dZᵀ X.
-    ``x_row``/``dw``: X's first row and dW as arrays, for the batch-1 case (an outer product)."""
-    tid, nth = _team(P)
-    M, N, K = P[P_M], P[P_N], P[P_K]
-    cb = P[P_CB]
-    item = dz.itemsize
-    act, slope = P[P_ACT], _slope(P)
-    tx = P[P_TX] != 0
-    stage = P[P_STAGE]
-    for blk in range(tid, (N + cb - 1) // cb, nth):
-        c0 = blk * cb
-        c1 = min(c0 + cb, N)
-        if stage != 2:
-            _grad(dz, dA, saved, 0, M, c0, c1, act, slope)
-        if stage != 2 and P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
-            acc = np.zeros(c1 - c0, np.float64)
-            for i in range(M):
-                row = dz[i, c0:c1]
+def backward_columns_body(grad):
+    """Backward phase 1 for one activation: ``body(params address, a zero of the dtype)``."""
+
+    @njit
+    def backward_columns(data, zero):
+        """Per block of columns: dZ = dA ⊙ g'(saved); db = Σ_rows dZ; dW = dZᵀ X."""
+        P = _params(data)
+        tid, nth = _team(P)
+        M, N, K = P[P_M], P[P_N], P[P_K]
+        dA = carray(typed_ptr(P[P_DA], zero), (M, N))
+        saved = carray(typed_ptr(P[P_SAVED] if P[P_SAVED] != 0 else P[P_DA], zero), (M, N))  # identity reads none
+        dz = carray(typed_ptr(P[P_DZ], zero), (M, N))
+        db = carray(typed_ptr(P[P_DB], zero), (N,))
+        x_row = carray(typed_ptr(P[P_X], zero), (K,))  # read only when M = 1 and X is stored row-major
+        dw = carray(typed_ptr(P[P_DW] if P[P_DW] != 0 else P[P_DZ], zero), (N if P[P_DW] != 0 else 0, K))
+        cb = P[P_CB]
+        item = dz.itemsize
+        slope = _slope(P)
+        tx = P[P_TX] != 0
+        stage = P[P_STAGE]
+        for blk in range(tid, (N + cb - 1) // cb, nth):
+            c0 = blk * cb
+            c1 = min(c0 + cb, N)
+            if stage != 2:
+                grad(dz, dA, saved, 0, M, c0, c1, slope)
+            if stage != 2 and P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
+                acc = np.zeros(c1 - c0, np.float64)
+                for i in range(M):
+                    row = dz[i, c0:c1]
+                    for j in range(acc.shape[0]):
+                        acc[j] += row[j]
+                out = db[c0:c1]
                 for j in range(acc.shape[0]):
-                    acc[j] += row[j]
-            out = db[c0:c1]
-            for j in range(acc.shape[0]):
-                out[j] = acc[j]
-        if stage != 1 and P[P_DW] != 0 and M == 1 and not tx:
-            # batch 1: dW[c0:c1, :] = dZ[0, c0:c1]ᵀ ⊗ x, written directly: a BLAS call costs
-            # more than the product here (784->512: 28 us through OpenBLAS, 21.5 us through MKL)
-            for j in range(c0, c1):
-                s, out = dz[0, j], dw[j]
-                for kk in range(K):
-                    out[kk] = s * x_row[kk]
-        elif stage != 1 and P[P_DW] != 0:
-            # dW[c0:c1, :] = (dZ[:, c0:c1])ᵀ @ X
-            gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], c1 - c0, K, M,
-                 dz.ctypes.data + c0 * item, N, True,
-                 P[P_X], P[P_LDX], tx,
-                 P[P_DW] + c0 * K * item, K)
+                    out[j] = acc[j]
+            if stage != 1 and P[P_DW] != 0 and M == 1 and not tx:
+                # batch 1: dW[c0:c1, :] = dZ[0, c0:c1]ᵀ ⊗ x, written directly: a BLAS call costs
+                # more than the product here (784->512: 28 us through OpenBLAS, 21.5 us through MKL)
+                for j in range(c0, c1):
+                    s, out = dz[0, j], dw[j]
+                    for kk in range(K):
+                        out[kk] = s * x_row[kk]
+            elif stage != 1 and P[P_DW] != 0:
+                # dW[c0:c1, :] = (dZ[:, c0:c1])ᵀ @ X
+                gemm(P[P_GEMM], _blas_threads(P), P[P_ALPHA], P[P_BETA], c1 - c0, K, M,
+                     dz.ctypes.data + c0 * item, N, True,
+                     P[P_X], P[P_LDX], tx,
+                     P[P_DW] + c0 * K * item, K)
+
+    return backward_columns
 
 
 @njit
-def _backward_rows(P, item):
-    """Phase 2, per (rows x K-columns) tile: dX = dZ W."""
+def backward_rows_body(data, zero):
+    """Backward phase 2, per (rows x K-columns) tile: dX = dZ W. The same for every activation."""
+    P = _params(data)
     tid, nth = _team(P)
     M, N, K = P[P_M], P[P_N], P[P_K]
+    item = carray(typed_ptr(P[P_DZ], zero), (M, N)).itemsize
     tm, tk = P[P_TM], P[P_TK]
     tw = P[P_TW] != 0
     tiles_k = (K + tk - 1) // tk
@@ -204,22 +212,114 @@ def _backward_rows(P, item):
              P[P_DX] + (r0 * K + k0) * item, K)
 
 
-# ---- entry points: void kernel(void *params), one per phase and dtype ----------------------
-# (One per dtype: Numba caches a cfunc only when it is a plain module-level function.)
+# ---- generated modules: one kernel each ------------------------------------------------------
 
-_SIGNATURE = types.void(types.voidptr)
+def _elementwise_source(phase: str, act: _acts.Activation) -> list[str]:
+    """One activation's loop nest: ``epilogue`` (forward: A = g(Z + b), keeping Z if needed) or
+    ``grad`` (dZ = dA ⊙ g'). Rows are walked through 1-D slices indexed from 0: with indices from
+    a run-time start Numba must allow negative (wrap-around) indices and the loop does not
+    vectorise (8x slower for the ReLU epilogue, measured on 1024 x 512 float32)."""
+    if phase == "forward":
+        lines = ["def epilogue(src, a, bias, r0, r1, c0, c1, s):",
+                 "    b_ = bias[c0:c1]",
+                 "    for i in range(r0, r1):",
+                 "        z_, a_ = src[i, c0:c1], a[i, c0:c1]",
+                 "        for j in range(a_.shape[0]):",
+                 "            z = z_[j] + b_[j]"]
+        if act.saves == "z":  # src is Z's buffer: keep Z for backward
+            lines.append("            z_[j] = z")
+        return lines + [f"            a_[j] = {act.forward}"]
+    saved = _acts.saved_name(act)
+    lines = ["def grad(dz, dA, saved, r0, r1, c0, c1, s):",
+             "    for i in range(r0, r1):",
+             "        dz_, da_, v_ = dz[i, c0:c1], dA[i, c0:c1], saved[i, c0:c1]",
+             "        for j in range(dz_.shape[0]):",
+             "            da = da_[j]"]
+    if saved:
+        lines.append(f"            {saved} = v_[j]")
+    return lines + [f"            dz_[j] = {act.backward}"]
+
+
+def kernel_source(phase: str, activation: str | None, dtype: str, cache: bool) -> str:
+    """The text of the module holding one kernel, ``kernel``: its phase's body with the
+    activation's element-wise loops, for one dtype (``activation`` None for backward_rows)."""
+    what = f"{phase} {activation}/{dtype}" if activation else f"{phase} {dtype}"
+    lines = [f'"""fusedlinear CPU kernel: {what}. Generated by fusedlinear.kernels.cpu; do not edit."""',
+             "import numpy as np",
+             "from numba import cfunc, njit",
+             "from fusedlinear.kernels.cpu import SIGNATURE, backward_columns_body, backward_rows_body, forward_body",
+             "from fusedlinear.kernels.cpu import erf, exp, sigmoid, tanh, where  # noqa: F401",
+             ""]
+    if phase == "backward_rows":
+        body = "backward_rows_body"
+    else:
+        act = _acts.check_activation(activation)
+        lines += ["", '@njit(inline="always")', *_elementwise_source(phase, act), ""]
+        loops = "epilogue" if phase == "forward" else "grad"
+        lines += ["", f"body = {phase}_body({loops})"]
+        body = "body"
+    lines += ["", "", f"@cfunc(SIGNATURE, cache={cache})", "def kernel(data):", f"    {body}(data, np.{dtype}(0))", ""]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_stamp() -> bytes:
+    """What every kernel depends on besides its own text: the generator's sources and the versions
+    of the compiler stack."""
+    import llvmlite
+    import numba
+
+    h = hashlib.sha256(f"numba {numba.__version__} llvmlite {llvmlite.__version__} numpy {np.__version__} "
+                       f"python {sys.version}".encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("cpu.py", "_numba_runtime.py", "cpu_params.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.digest()
+
+
+def kernel_key(source: str) -> str:
+    """The digest a kernel's file name carries: its text and everything that generates it."""
+    return hashlib.sha256(_generator_stamp() + source.encode()).hexdigest()[:20]
+
+
+def _writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
+        probe.close()
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cache_dir() -> str | None:
+    """Where the generated kernel modules (and, next to them, Numba's compiled kernels) live:
+    in Numba's own order, NUMBA_CACHE_DIR, ``__pycache__`` beside this file, then the user-wide
+    cache directory; None when none is writable."""
+    from numba.misc.appdirs import AppDirs
+
+    candidates = []
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        candidates.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "fusedlinear-cpu"))
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "fusedlinear-cpu"))
+    candidates.append(os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, "fusedlinear-cpu"))
+    return next((path for path in candidates if _writable(path)), None)
 
 
 def _cache_available() -> bool:
-    """Whether Numba finds a writable cache location for this file (NUMBA_CACHE_DIR, __pycache__
-    beside it, or the user-wide cache). Without one the kernels still work: they compile in
-    every process (a few seconds), after one warning."""
+    """Whether kernels can be cached on disk: a writable directory (``cache_dir``) and a Numba
+    that finds a cache location. Without one the kernels still work: they compile in every
+    process, after one warning."""
     from numba.core.caching import FunctionCache
 
     try:
         FunctionCache(_cache_available)
+        if cache_dir() is None:
+            raise RuntimeError("NUMBA_CACHE_DIR, the package's __pycache__ and the user cache directory are not writable")
         return True
-    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+    except RuntimeError as exc:  # e.g. "cannot cache function ...: no locator available"
         warnings.warn(f"fusedlinear: no writable Numba cache location ({exc}); the CPU kernels are compiled "
                       f"in every process. Set NUMBA_CACHE_DIR to a writable directory to cache them.",
                       RuntimeWarning, stacklevel=2)
@@ -229,91 +329,88 @@ def _cache_available() -> bool:
 CACHE = _cache_available()
 
 
-@njit(inline="always")
-def _params(data):
-    return carray(i64_ptr(address_of(data)), (N_PARAMS,))
+# ---- loading: on first use, with one line on stderr when it takes a while ---------------------
+
+_kernels: dict = {}  # (phase, activation or None, dtype) -> the compiled cfunc, in this process
+_lock = threading.Lock()
+_announced = False
+ANNOUNCE_AFTER_S = 1.0
 
 
-@njit(inline="always")
-def _forward_entry(P, zero):
-    M, N = P[P_M], P[P_N]
-    a = carray(typed_ptr(P[P_A], zero), (M, N))
-    src = carray(typed_ptr(P[P_Z] if P[P_Z] != 0 else P[P_A], zero), (M, N))
-    _forward_tiles(P, a, src, carray(typed_ptr(P[P_BIAS], zero), (N,)))
+def _announce(labels: list[str]) -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        where = f"cached in {cache_dir()}" if CACHE else "not cached: no writable cache location"
+        print(f"fusedlinear: compiling CPU kernels for {', '.join(labels)} (first use; {where})",
+              file=sys.stderr, flush=True)
 
 
-@njit(inline="always")
-def _backward_columns_entry(P, zero):
-    M, N = P[P_M], P[P_N]
-    dA = carray(typed_ptr(P[P_DA], zero), (M, N))
-    saved = carray(typed_ptr(P[P_SAVED] if P[P_SAVED] != 0 else P[P_DA], zero), (M, N))  # identity reads none
-    K = P[P_K]
-    x_row = carray(typed_ptr(P[P_X], zero), (K,))  # read only when M = 1 and X is stored row-major
-    dw = carray(typed_ptr(P[P_DW] if P[P_DW] != 0 else P[P_DZ], zero), (N if P[P_DW] != 0 else 0, K))
-    _backward_columns(P, dA, saved, carray(typed_ptr(P[P_DZ], zero), (M, N)), carray(typed_ptr(P[P_DB], zero), (N,)),
-                      x_row, dw)
+def _import_generated(key: tuple, source: str, announce) -> object:
+    """The cfunc ``kernel`` of a generated module: from a file named by its digest in
+    ``cache_dir()`` (Numba then loads it from its cache or compiles and caches it), or, without a
+    cache, compiled from the text in memory. ``announce()`` is called first when the kernel
+    will be compiled (a new file, or no cache), not merely loaded."""
+    name = "_".join(part for part in key if part)
+    if not CACHE:
+        announce()
+        namespace = {"__name__": f"_fusedlinear_cpu_{name}"}
+        exec(compile(source, f"<fusedlinear kernel {name}>", "exec"), namespace)
+        return namespace["kernel"]
+    path = os.path.join(cache_dir(), f"{name}_{kernel_key(source)}.py")
+    if not os.path.exists(path):  # written once, whole (Numba keys its cache on the file's mtime)
+        announce()
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    # A top-level module in sys.modules: Numba finds its globals by importing the module's name.
+    module_name = f"_fusedlinear_cpu_{os.path.basename(path)[:-3]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module.kernel
 
 
-@cfunc(_SIGNATURE, cache=CACHE)
-def forward_f32(data):
-    _forward_entry(_params(data), np.float32(0))
+def load(wanted) -> list:
+    """The compiled kernels for ``wanted``, a list of (phase, activation, dtype): loaded from the
+    disk cache or compiled, each once per process. backward_rows is the same kernel for every
+    activation. If this takes more than ANNOUNCE_AFTER_S, one line on stderr says so (once per
+    process)."""
+    keys = [(phase, None if phase == "backward_rows" else activation, dtype) for phase, activation, dtype in wanted]
+    for phase, activation, dtype in wanted:
+        if phase not in PHASES or dtype not in DTYPES:
+            raise ValueError(f"no CPU kernel for phase {phase!r}, dtype {dtype!r}: phases are {', '.join(PHASES)}, "
+                             f"dtypes {', '.join(DTYPES)}")
+        _acts.check_activation(activation)
+    missing = [k for k in keys if k not in _kernels]
+    if missing:
+        labels = list(dict.fromkeys(f"{a}/{d}" for (_, a, d) in wanted))
+        timer = threading.Timer(ANNOUNCE_AFTER_S, _announce, (labels,))
+        timer.daemon = True
+
+        def start_timer():  # on the first kernel that compiles; loads from the cache say nothing
+            if not timer.is_alive() and not timer.finished.is_set():
+                timer.start()
+
+        with _lock:
+            try:
+                for key in missing:
+                    if key not in _kernels:
+                        _kernels[key] = _import_generated(key, kernel_source(*key, cache=CACHE), start_timer)
+            finally:
+                timer.cancel()
+    return [_kernels[k] for k in keys]
 
 
-@cfunc(_SIGNATURE, cache=CACHE)
-def forward_f64(data):
-    _forward_entry(_params(data), np.float64(0))
+def loaded() -> list[tuple]:
+    """The (phase, activation or None, dtype) of every kernel this process has loaded or compiled."""
+    return sorted(_kernels, key=str)
 
 
-@cfunc(_SIGNATURE, cache=CACHE)
-def backward_columns_f32(data):
-    _backward_columns_entry(_params(data), np.float32(0))
-
-
-@cfunc(_SIGNATURE, cache=CACHE)
-def backward_columns_f64(data):
-    _backward_columns_entry(_params(data), np.float64(0))
-
-
-@cfunc(_SIGNATURE, cache=CACHE)
-def backward_rows_f32(data):
-    _backward_rows(_params(data), 4)
-
-
-@cfunc(_SIGNATURE, cache=CACHE)
-def backward_rows_f64(data):
-    _backward_rows(_params(data), 8)
-
-
-KERNELS = {
-    ("forward", "float32"): forward_f32, ("forward", "float64"): forward_f64,
-    ("backward_columns", "float32"): backward_columns_f32, ("backward_columns", "float64"): backward_columns_f64,
-    ("backward_rows", "float32"): backward_rows_f32, ("backward_rows", "float64"): backward_rows_f64,
-}
-
-
-def _invalidate_stale_cache() -> None:
-    """Numba's disk cache keys on this file's timestamp only; the epilogues come from the
-    activation table, so drop cached kernels that were built from another version of it."""
-    digest = _acts.table_digest()
-    for kernel in KERNELS.values():
-        cache = getattr(kernel, "_cache", None)
-        path = getattr(getattr(cache, "_cache_path", None), "__str__", lambda: None)()
-        if not path:
-            continue
-        stamp = os.path.join(path, f"fusedlinear-{kernel.__name__}.table")
-        try:
-            with open(stamp) as f:
-                if f.read() == digest:
-                    continue
-        except OSError:
-            pass
-        try:
-            cache.flush()
-            kernel._compiled = False
-            with open(stamp, "w") as f:
-                f.write(digest)
-        except OSError:
-            pass  # read-only cache location: Numba itself then compiles without caching
-
-
-__all__ = ["KERNELS", "N_PARAMS"]
+__all__ = ["N_PARAMS", "PHASES", "DTYPES", "load", "loaded", "cache_dir", "kernel_source"]
