@@ -8,13 +8,13 @@ from .modules import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedActivation,
     FusedSequential,
-    fuse,
-    unfuse,
 )
+from .fuse import FuseReport, fuse, unfuse
 from .ops import FusedChainFunction, FusedLinearFunction, fused_chain, fused_linear
 
 __all__ = [
     "FusedLinear", "FusedLinearGELU", "FusedLinearLeakyReLU", "FusedLinearReLU", "FusedLinearSigmoid",
-    "FusedLinearSiLU", "FusedLinearTanh", "FusedSequential", "FusedChainFunction", "FusedLinearFunction", "fused_chain", "fused_linear", "fuse", "unfuse",
+    "FusedLinearSiLU", "FusedLinearTanh", "FusedActivation", "FusedSequential", "FuseReport", "FusedChainFunction", "FusedLinearFunction", "fused_chain", "fused_linear", "fuse", "unfuse",
 ]

@@ -1,12 +1,13 @@
-"""Drop-in modules (``FusedLinear`` and one subclass per activation) and ``fuse``/``unfuse``."""
+"""Drop-in modules: ``FusedLinear``, one subclass per activation, ``FusedSequential``, and the
+``FusedActivation`` placeholder :func:`fusedlinear.fuse` leaves where an activation was."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..kernels import activations as _acts
 from .ops import fused_chain, fused_linear
@@ -181,27 +182,24 @@ class FusedLinearLeakyReLU(FusedLinear):
         return cls(in_features, out_features, bias, negative_slope, device=device, dtype=dtype)
 
 
-def _fused_for(linear: nn.Linear, act: nn.Module) -> FusedLinear | None:
-    """The fused layer replacing ``linear`` followed by ``act`` (sharing its parameters), or None."""
-    if isinstance(act, nn.ReLU):
-        cls, kwargs = FusedLinearReLU, {}
-    elif isinstance(act, nn.Sigmoid):
-        cls, kwargs = FusedLinearSigmoid, {}
-    elif isinstance(act, nn.Tanh):
-        cls, kwargs = FusedLinearTanh, {}
-    elif isinstance(act, nn.SiLU):
-        cls, kwargs = FusedLinearSiLU, {}
-    elif isinstance(act, nn.GELU):
-        cls, kwargs = FusedLinearGELU, {"approximate": act.approximate}
-    elif isinstance(act, nn.LeakyReLU):
-        cls, kwargs = FusedLinearLeakyReLU, {"negative_slope": act.negative_slope}
-    else:
-        return None
-    layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
-                       device="meta", dtype=linear.weight.dtype, **kwargs)
-    layer.weight, layer.bias = linear.weight, linear.bias  # shared: optimizers keep working
-    layer.train(linear.training)
-    return layer
+class FusedActivation(nn.Identity):
+    """Stands where an activation module was before :func:`fusedlinear.fuse` moved it into the fused
+    layer before it: returns its input, has no parameters or ``state_dict`` keys, and keeps the
+    original module (not as a submodule) for :func:`fusedlinear.unfuse` to put back."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not registered: no keys, not in .modules()
+
+    def extra_repr(self) -> str:
+        return f"was {self.original!r}"
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook is registered (``register_module_forward_hook`` and the
+    like): those expect to see every layer called as a module, forward and backward."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 class FusedSequential(nn.Sequential):
@@ -209,17 +207,20 @@ class FusedSequential(nn.Sequential):
     and plain ``nn.Linear``, with the ``nn.Identity`` placeholders :func:`fuse` leaves between
     them) as one :func:`fused_chain` call: one autograd node for the whole run instead of one per
     layer. Values and gradients are those of calling the modules one by one; the other modules
-    (``nn.Flatten``, dropout, ...) and any layer with a hook registered on it run as usual.
+    (``nn.Flatten``, dropout, ...) and any layer with a hook registered on it run as usual, and
+    with any global module hook registered every module is called as a module.
 
     :func:`fuse` turns each plain ``nn.Sequential`` it fuses into one; the modules and their
     ``state_dict`` keys stay as they were."""
 
     def forward(self, input):
+        if _global_hooks():
+            return super().forward(input)
         run = []
         for module in self._modules.values():
             if not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                     or module._backward_pre_hooks):
-                if type(module) is nn.Identity:
+                if type(module) is nn.Identity or type(module) is FusedActivation:
                     continue
                 if isinstance(module, FusedLinear) or type(module) is nn.Linear:
                     run.append(module)
@@ -230,79 +231,19 @@ class FusedSequential(nn.Sequential):
         return _run(run, input)
 
 
+def _param(module: nn.Module, name: str):
+    """``module.<name>``: straight from ``_parameters`` (nn.Module.__getattr__ costs ~0.5 us a
+    lookup), else the attribute (a parametrized weight is a property computed per call)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _run(layers: list, input):
-    """A run of linear layers: one fused_chain call (two or more layers, and no global module hooks
-    that would expect to see each layer called), else the layers themselves."""
-    if len(layers) < 2 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    """A run of linear layers: one fused_chain call (two or more layers), else the layers themselves."""
+    if len(layers) < 2:
         for layer in layers:
             input = layer(input)
         return input
-    # parameters straight from _parameters: nn.Module.__getattr__ costs ~0.5 us a lookup
-    return fused_chain(input, [(m._parameters["weight"], m._parameters["bias"], m.activation, m.negative_slope)
+    return fused_chain(input, [(_param(m, "weight"), _param(m, "bias"), m.activation, m.negative_slope)
                                if isinstance(m, FusedLinear) else
-                               (m._parameters["weight"], m._parameters["bias"], "identity", 0.0) for m in layers])
-
-
-def _sequentials(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, nn.Sequential)]
-
-
-def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace, in every ``nn.Sequential`` of ``model`` (nested ones included), each ``nn.Linear``
-    directly followed by ``nn.ReLU/Sigmoid/Tanh/GELU/SiLU/LeakyReLU`` with the matching fused layer,
-    and the activation with ``nn.Identity``; a plain ``nn.Sequential`` that now holds fused layers
-    becomes a :class:`FusedSequential` (runs of linear layers in one autograd node). State-dict
-    keys are unchanged, so checkpoints load both ways with ``strict=True``. Returns a deep copy
-    unless ``inplace=True``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
-    model = model if inplace else copy.deepcopy(model)
-    for seq in _sequentials(model):
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            linear, act = seq._modules[first], seq._modules[second]
-            if type(linear) is nn.Linear:
-                fused = _fused_for(linear, act)
-                if fused is not None:
-                    seq._modules[first] = fused
-                    seq._modules[second] = nn.Identity()
-        if type(seq) is nn.Sequential and any(isinstance(m, FusedLinear) for m in seq._modules.values()):
-            seq.__class__ = FusedSequential  # same modules and keys; one autograd node per run of layers
-    return model
-
-
-def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inverse of :func:`fuse`: each fused layer in an ``nn.Sequential`` becomes ``nn.Linear``
-    (sharing its parameters) and the ``nn.Identity`` after it the activation module. Returns a
-    deep copy unless ``inplace=True``. Raises ``ValueError`` (before changing anything) for a
-    fused layer that has no ``nn.Identity`` after it to take the activation back."""
-    plan = []
-    for seq in _sequentials(model):
-        names = list(seq._modules)
-        for i, name in enumerate(names):
-            layer = seq._modules[name]
-            if not isinstance(layer, FusedLinear):
-                continue
-            after = names[i + 1] if i + 1 < len(names) else None
-            if layer.activation != "identity" and (after is None or type(seq._modules[after]) is not nn.Identity):
-                raise ValueError(
-                    f"unfuse: the fused layer {name!r} ({layer.activation}) has no nn.Identity after it to "
-                    f"hold its activation, so state_dict keys would change; replace it by hand"
-                )
-            plan.append((seq, name, after))
-    inside = {id(seq._modules[name]) for seq, name, _ in plan}
-    for name, module in model.named_modules():
-        if isinstance(module, FusedLinear) and id(module) not in inside:
-            raise ValueError(f"unfuse: fused layer {name!r} is not inside an nn.Sequential; replace it by hand")
-    if not inplace:
-        return unfuse(copy.deepcopy(model), inplace=True)
-    for seq in _sequentials(model):
-        if type(seq) is FusedSequential:
-            seq.__class__ = nn.Sequential
-    for seq, name, after in plan:
-        layer = seq._modules[name]
-        seq._modules[name] = layer.to_linear()
-        if layer.activation != "identity":
-            seq._modules[after] = layer.activation_module()
-    return model
+                               (_param(m, "weight"), _param(m, "bias"), "identity", 0.0) for m in layers])

@@ -16,7 +16,9 @@ from .torch_ext import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedActivation,
     FusedSequential,
+    FuseReport,
     fuse,
     fused_chain,
     fused_linear,
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "FusedLinear", "FusedLinearFunction", "FusedLinearGELU", "FusedLinearLeakyReLU",
-    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedSequential",
+    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedActivation",
+    "FusedSequential", "FuseReport",
     "available_backends", "fuse", "fused_chain", "fused_linear", "unfuse", "use_backend", "__version__",
 ]
