@@ -113,7 +113,7 @@ def reference(x, layers, grad=None, device="cpu"):
     fresh = lambda terms: SAFETY * (u + math.sqrt(terms) * u_acc)  # noqa: E731  (one sum of `terms` products)
     k = x.shape[-1]
     x_op = x.detach().double().cpu().requires_grad_(True)
-    h = x_op.reshape(-1, k)
+    h = x_op.reshape(math.prod(x.shape[:-1]), k)
     err_h = torch.zeros_like(h)
     params, kept = [], []
     for w, b, activation, slope in layers:
