@@ -181,6 +181,9 @@ def main(argv=None) -> int:
         add_bench = None
     if add_bench is not None:
         add_bench(sub)
+    from .parity import add_parser as add_parity
+
+    add_parity(sub)
     args = parser.parse_args(argv)
     return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
 

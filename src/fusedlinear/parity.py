@@ -1,0 +1,449 @@
+"""``fusedlinear parity``: every backend that runs on this machine against float64 PyTorch.
+
+For each backend that can run here (``numba`` on the CPU, ``cupy`` on each GPU, ``torch`` on
+every device) × each dtype it runs (``backend.BACKENDS``; for ``torch`` also the half dtypes
+the others fall back to) × every activation of the table × odd shapes, strided, transposed and
+expanded operands, with and without bias, and a 2-layer chain: the output and every gradient
+(dX, dW, db) are compared element by element with the same call in float64 PyTorch, computed
+from the same values. A spy on the backend's module checks that the forced backend really ran
+(a silent fallback cannot pass). One table; exit status 1 on any mismatch.
+
+Error model (the tolerance). Each element gets an error bound, propagated through the layer
+the way rounding errors propagate, in float64 beside the reference values:
+
+* a sum of L products (Z, dX, dW, db) may be off by ``SAFETY·(u + √L·u_acc)·Σ|terms|`` plus
+  the propagated error of its inputs; √L, not L: rounding errors of a long sum add like a random
+  walk (BLAS blocks and FMAs make them smaller still);
+* A = g(Z): ``sup|g'|·err(Z)`` plus ``SAFETY·u·(|A| + |Z|)`` (one rounding, and libm vs PyTorch's
+  vectorised exp/erf/tanh; |Z| covers the cancellation in gelu's ``1 + erf`` where A → 0);
+* dZ = dA·g'(·): ``sup|g'|·err(dA)`` + ``2·|dA|·(err(Z) + err(A))`` (g' is evaluated at the
+  kernel's Z or A; |g''| ≤ 2 for every smooth activation of the table, via A or via Z) plus
+  its rounding; for relu and leaky_relu, where g' jumps at 0, an element whose |Z| is within
+  err(Z) of 0 may take either side: ``jump·|dA|``.
+
+``u`` is the dtype's unit roundoff; ``u_acc`` the accumulation's: float32 for float16 and
+bfloat16 (PyTorch's GEMMs and sums accumulate half dtypes in float32, rounding the result
+once), 2⁻¹¹ for float32 on CUDA when PyTorch allows TF32, else ``u``. The "relative error"
+of a row is ``max |got − ref| / scale`` with ``scale = bound / tolerance``, and the row is ok
+when it is ≤ the tolerance ``SAFETY·u`` (every element within its bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SAFETY = 8  # error terms are bounds of one rounding each; 8 of them leave room without hiding a wrong value
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+TF32_UNIT_ROUNDOFF = 2.0**-11  # TF32 keeps 10 explicit mantissa bits
+TOLERANCE_REASONS = {
+    "float64": "8·2⁻⁵³ = 8.9e-16: unit roundoff; sums of L terms also scale with √L·Σ|terms|",
+    "float32": "8·2⁻²⁴ = 4.8e-7: unit roundoff (2⁻¹¹ accumulation under TF32 on CUDA); sums scale with √L·Σ|terms|",
+    "bfloat16": "8·2⁻⁸ = 3.1e-2: unit roundoff of the stored result; accumulation in float32",
+    "float16": "8·2⁻¹¹ = 3.9e-3: unit roundoff of the stored result; accumulation in float32",
+}
+
+
+# The float64 reference of each activation is PyTorch's own function, by the table's name, with
+# what the error bound needs: sup|g'| (a function of the slope) and the jump of g' at 0 for the
+# piecewise-linear ones (None: g' is smooth, with |g''| <= 2 as a function of Z and of A).
+@dataclass(frozen=True)
+class RefActivation:
+    fn: object  # (z, slope) -> g(z)
+    max_slope: object  # slope -> sup |g'|
+    jump: object  # slope -> |g'(0+) - g'(0-)|, or None where g' is continuous
+
+
+REFERENCE = {
+    "identity": RefActivation(lambda z, s: z, lambda s: 1.0, lambda s: 0.0),
+    "relu": RefActivation(lambda z, s: torch.relu(z), lambda s: 1.0, lambda s: 1.0),
+    "sigmoid": RefActivation(lambda z, s: torch.sigmoid(z), lambda s: 0.25, None),
+    "tanh": RefActivation(lambda z, s: torch.tanh(z), lambda s: 1.0, None),
+    "gelu": RefActivation(lambda z, s: F.gelu(z), lambda s: 1.13, None),  # sup gelu' = 1.1289
+    "gelu_tanh": RefActivation(lambda z, s: F.gelu(z, approximate="tanh"), lambda s: 1.13, None),
+    "silu": RefActivation(lambda z, s: F.silu(z), lambda s: 1.1, None),  # sup silu' = 1.0998
+    "leaky_relu": RefActivation(lambda z, s: F.leaky_relu(z, s), lambda s: max(1.0, abs(s)), lambda s: abs(1.0 - s)),
+}
+
+
+def _check_table() -> None:
+    from .kernels import NAMES
+
+    missing = set(NAMES) - set(REFERENCE)
+    if missing:
+        raise RuntimeError(f"fusedlinear.parity: no float64 PyTorch reference for activation(s) {sorted(missing)}; "
+                           "add them to fusedlinear.parity.REFERENCE")
+
+
+def units(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(u, u_acc): the unit roundoff of ``dtype`` and of its accumulation on ``device`` (see the module doc)."""
+    u = UNIT_ROUNDOFF[dtype]
+    if dtype in HALF_DTYPES:
+        return u, UNIT_ROUNDOFF[torch.float32]
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return u, TF32_UNIT_ROUNDOFF
+    return u, u
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return SAFETY * UNIT_ROUNDOFF[dtype]
+
+
+def reference(x, layers, grad=None, device="cpu"):
+    """Float64 PyTorch values and per-element error bounds for ``fused_chain(x, layers)`` (one
+    layer: ``fused_linear``), computed from the same values as the call under test.
+
+    ``x``: the input ``(*, K)``; ``layers``: ``[(weight, bias or None, activation, slope)]`` in the
+    dtype of the call; ``grad``: dA of the output, or None for forward only; ``device``: where the
+    call under test ran (TF32 on CUDA). Returns ``{name: (reference, bound)}`` for ``output``,
+    and with ``grad`` also ``input``, ``weight{i}``, ``bias{i}`` (float64, on the CPU).
+    """
+    dtype = x.dtype
+    u, u_acc = units(dtype, device)
+    fresh = lambda terms: SAFETY * (u + math.sqrt(terms) * u_acc)  # noqa: E731  (one sum of `terms` products)
+    k = x.shape[-1]
+    x_op = x.detach().double().cpu().requires_grad_(True)
+    h = x_op.reshape(math.prod(x.shape[:-1]), k)
+    err_h = torch.zeros_like(h)
+    params, kept = [], []
+    for w, b, activation, slope in layers:
+        ref = REFERENCE[activation]
+        w = w.detach().double().cpu().requires_grad_(True)
+        b = None if b is None else b.detach().double().cpu().requires_grad_(True)
+        params.append((w, b))
+        z = F.linear(h, w, b)
+        mag = h.detach().abs() @ w.detach().abs().t() + (0 if b is None else b.detach().abs())
+        err_z = fresh(w.shape[1]) * mag + err_h @ w.detach().abs().t()
+        z.retain_grad()
+        a = ref.fn(z, slope)
+        za, zd = a.detach().abs(), z.detach().abs()
+        err_a = ref.max_slope(slope) * err_z + SAFETY * u * (za + zd)
+        a.retain_grad()
+        kept.append((h, err_h, z, err_z, err_a, a))
+        h, err_h = a, err_a
+    lead = x.shape[:-1]
+    out = {"output": (h.detach().reshape(*lead, h.shape[-1]), err_h.reshape(*lead, h.shape[-1]))}
+    if grad is None:
+        return out
+    h.backward(grad.detach().double().cpu().reshape(h.shape))
+    err_da = torch.zeros_like(h)
+    for i in range(len(layers) - 1, -1, -1):
+        activation, slope = layers[i][2], layers[i][3]
+        ref = REFERENCE[activation]
+        (w, b), (xi, err_x, z, err_z, err_a, a) = params[i], kept[i]
+        da = a.grad.abs() + err_da
+        zd = z.detach()
+        g1 = ref.max_slope(slope)
+        dz = z.grad.abs()
+        err_dz = g1 * err_da + SAFETY * u * da * (g1 + 1 + zd.abs())
+        if ref.jump is None:
+            err_dz = err_dz + 2 * da * (err_z + err_a)
+        else:
+            err_dz = err_dz + torch.where(zd.abs() <= err_z, ref.jump(slope) * da, 0.0)
+        xa, wa = xi.detach().abs(), w.detach().abs()
+        m, n = zd.shape
+        out[f"weight{i}"] = (w.grad, fresh(m) * (dz.t() @ xa) + err_dz.t() @ xa + dz.t() @ err_x)
+        if b is not None:
+            out[f"bias{i}"] = (b.grad, fresh(m) * dz.sum(0) + err_dz.sum(0))
+        err_da = fresh(n) * (dz @ wa) + err_dz @ wa
+    out["input"] = (x_op.grad, err_da.reshape(x.shape))
+    return out
+
+
+def compare(got, ref, bound, dtype) -> tuple[float, bool, str]:
+    """(relative error, ok, note) of ``got`` against ``ref`` with per-element ``bound`` (module doc)."""
+    tol = tolerance(dtype)
+    if got is None:
+        return math.inf, False, "missing"
+    if tuple(got.shape) != tuple(ref.shape):
+        return math.inf, False, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got = got.detach().double().cpu()
+    diff = (got - ref).abs()
+    diff = torch.where(got == ref, 0.0, diff)  # equal infinities
+    diff = torch.where(torch.isnan(diff), math.inf, diff)
+    if diff.numel() == 0:
+        return 0.0, True, ""
+    rel = torch.where(diff == 0, 0.0, diff * tol / bound)
+    worst = int(rel.argmax())
+    value = float(rel.reshape(-1)[worst])
+    ok = value <= tol
+    note = "" if ok else (f"at {tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), rel.shape))}: "
+                          f"got {got.reshape(-1)[worst].item():.6g}, want {ref.reshape(-1)[worst].item():.6g}")
+    return value, ok, note
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lead: tuple  # leading dimensions of x
+    k: int
+    widths: tuple  # out_features of each layer (two: a chain)
+    bias: bool
+    x_layout: str = "contiguous"
+    w_layout: str = "contiguous"
+
+
+# Odd shapes: batch 1 (dW as an outer product), tile remainders, 3-D input; sizes where the CPU
+# kernels run on the thread team (2·M·N·K >= 2 MFLOP) and in row bands (M >= 1024).
+_SHAPES = [
+    ("1x1->1", (1,), 1, (1,), "contiguous", "contiguous"),
+    ("7x13->5", (7,), 13, (5,), "contiguous", "contiguous"),
+    ("2x3x13->7", (2, 3), 13, (7,), "contiguous", "contiguous"),
+    ("37x33->17 x transposed", (37,), 33, (17,), "transposed", "contiguous"),
+    ("19x21->11 x row-padded, w transposed", (19,), 21, (11,), "row-padded", "transposed"),
+    ("9x20->13 x expanded, w column-strided", (9,), 20, (13,), "expanded", "column-strided"),
+    ("129x130->65 w row-padded", (129,), 130, (65,), "contiguous", "row-padded"),
+    ("257x300->200 x transposed", (257,), 300, (200,), "transposed", "contiguous"),
+    ("1031x64->70", (1031,), 64, (70,), "contiguous", "contiguous"),
+    ("chain 23x17->9->6", (23,), 17, (9, 6), "contiguous", "transposed"),
+]
+_QUICK = {"7x13->5", "37x33->17 x transposed", "9x20->13 x expanded, w column-strided", "257x300->200 x transposed",
+          "chain 23x17->9->6"}
+
+
+def cases(quick: bool = False) -> list[Case]:
+    return [Case(f"{name} {'bias' if bias else 'no bias'}", lead, k, widths, bias, xl, wl)
+            for name, lead, k, widths, xl, wl in _SHAPES if not quick or name in _QUICK for bias in (True, False)]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor with the values of 2-D ``t`` and the memory layout ``layout`` (a view of a new storage)."""
+    if layout == "contiguous":
+        return t.clone()
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "row-padded":
+        return torch.cat([t, t[:, :3]], dim=1)[:, : t.shape[1]]
+    if layout == "column-strided":  # strided columns, at a storage offset
+        return torch.stack([t, t], dim=2).reshape(t.shape[0], -1)[:, 1::2]
+    if layout == "expanded":  # stride-0 rows: every row the first
+        return t[:1].expand(t.shape)
+    raise ValueError(layout)
+
+
+def _strided_bias(b: torch.Tensor) -> torch.Tensor:
+    """Bias with stride 2 at a storage offset."""
+    return torch.stack([b, b]).t().reshape(-1)[1::2]
+
+
+def run_case(case: Case, activation: str, dtype, device, seed: int, call=None) -> dict:
+    """The call under test (``fused_linear`` or, for two layers, ``fused_chain``) on ``device`` in
+    ``dtype`` against the float64 reference. Returns ``{name: (rel error, ok, note)}`` per tensor."""
+    from . import fused_chain, fused_linear
+
+    g = torch.Generator().manual_seed(seed)
+    slope = 0.2
+    x64 = torch.randn(*case.lead, case.k, generator=g, dtype=torch.float64)
+    if case.x_layout == "expanded":
+        x64 = x64[..., :1, :].expand(x64.shape).clone()
+    params, k = [], case.k
+    for n in case.widths:
+        bound = 1 / math.sqrt(k)  # nn.Linear's initialisation: Z stays O(1)
+        w64 = (torch.rand(n, k, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        b64 = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * bound if case.bias else None
+        params.append((w64, b64))
+        k = n
+    grad64 = torch.randn(*case.lead, case.widths[-1], generator=g, dtype=torch.float64)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    x = _layout(to(x64.reshape(-1, case.k)), case.x_layout).reshape(x64.shape).requires_grad_(True) \
+        if len(case.lead) == 1 else to(x64).requires_grad_(True)
+    x.retain_grad()
+    layers = []
+    for i, (w64, b64) in enumerate(params):
+        w = to(w64).requires_grad_(True)
+        w_op = _layout(w, case.w_layout if i == len(params) - 1 or len(params) == 1 else "contiguous")
+        b_op = None
+        if b64 is not None:
+            b = to(b64).requires_grad_(True)
+            b_op = _strided_bias(b) if case.w_layout == "column-strided" else b * 1
+        for t in (w_op, b_op):
+            if t is not None:
+                t.retain_grad()
+        layers.append((w_op, b_op, activation, slope))
+    if call is None:
+        call = lambda x, layers: (fused_linear(x, *layers[0]) if len(layers) == 1  # noqa: E731
+                                  else fused_chain(x, layers))
+    out = call(x, layers)
+    out.backward(to(grad64))
+    want = reference(x, layers, to(grad64), device)
+    got = {"output": out, "input": x.grad}
+    for i, (w_op, b_op, _, _) in enumerate(layers):
+        got[f"weight{i}"] = w_op.grad
+        if b_op is not None:
+            got[f"bias{i}"] = b_op.grad
+    return {name: compare(got.get(name), ref, bound, dtype) for name, (ref, bound) in want.items()}
+
+
+class _Spy:
+    """Counts calls of a backend module's forward and backward while active."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {"forward": 0, "backward": 0}
+
+    @contextlib.contextmanager
+    def active(self):
+        originals = {name: getattr(self.module, name) for name in self.calls}
+
+        def counting(name):
+            def wrapped(*args, **kwargs):
+                self.calls[name] += 1
+                return originals[name](*args, **kwargs)
+            return wrapped
+
+        for name in self.calls:
+            setattr(self.module, name, counting(name))
+        try:
+            yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(self.module, name, fn)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+DTYPES = {_dtype_name(d): d for d in UNIT_ROUNDOFF}
+
+
+def targets(backends=None, dtypes=None) -> tuple[list[tuple[str, str, torch.dtype]], list[str]]:
+    """(backend, device, dtype) triples to check here, and lines about backends that cannot run here."""
+    from . import backend
+
+    skipped, found = [], []
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for name, (_, device_types, kernel_dtypes) in backend.BACKENDS.items():
+        if backends is not None and name not in backends:
+            continue
+        reason = backend.available()[name]
+        if reason != "ok":
+            skipped.append(f"{name}: cannot run here ({reason})")
+            continue
+        devices = [d for d in ["cpu"] + gpus if not device_types or d.split(":")[0] in device_types]
+        if not devices:
+            skipped.append(f"{name}: no {'/'.join(device_types)} device here")
+        for device in devices:
+            for dtype in kernel_dtypes or tuple(UNIT_ROUNDOFF):
+                if dtypes is None or dtype in dtypes:
+                    found.append((name, device, dtype))
+    return found, skipped
+
+
+def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdout) -> list[dict]:
+    """Every check, as table rows (dicts)."""
+    import warnings
+
+    from . import backend, use_backend
+    from .kernels import NAMES
+
+    _check_table()
+    found, skipped = targets(backends, dtypes)
+    for line in skipped:
+        print(f"parity: {line}", file=out)
+    rows = []
+    for seed, (name, device, dtype) in enumerate(found):
+        spy = _Spy(backend.implementation(name))
+        for activation in activations or NAMES:
+            for j, case in enumerate(cases(quick)):
+                spy.calls.update(forward=0, backward=0)
+                row = {"backend": name, "device": device, "dtype": _dtype_name(dtype), "activation": activation,
+                       "case": case.name, "error": 0.0, "tolerance": tolerance(dtype), "ok": True, "note": ""}
+                try:
+                    with spy.active(), use_backend(name), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # e.g. a one-time fallback warning of another call
+                        results = run_case(case, activation, dtype, device, seed * 1000 + j)
+                except Exception as exc:  # a backend that raises is a failed row, reported in the table
+                    row.update(error=math.inf, ok=False, note=f"{type(exc).__name__}: {exc}")
+                    rows.append(row)
+                    continue
+                bad = [(n, r) for n, r in results.items() if not r[1]]
+                row["error"] = max(r[0] for r in results.values())
+                if bad:
+                    row.update(ok=False, note="; ".join(f"{n} {r[2]}" for n, r in bad))
+                elif min(spy.calls.values()) == 0:
+                    row.update(ok=False, note=f"backend {name!r} did not run ({spy.calls}): a silent fallback")
+                rows.append(row)
+    return rows
+
+
+_COLUMNS = ("backend", "device", "dtype", "activation", "case", "error", "tolerance", "ok")
+
+
+def format_table(rows) -> str:
+    cells = [[r["backend"], r["device"], r["dtype"], r["activation"], r["case"], f"{r['error']:.2e}",
+              f"{r['tolerance']:.1e}", "ok" if r["ok"] else "MISMATCH " + r["note"]] for r in rows]
+    header = ["backend", "device", "dtype", "activation", "case", "rel. error", "tolerance", "ok"]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)][:-1]
+    line = lambda c: "  ".join(str(v).ljust(w) for v, w in zip(c, widths)) + "  " + c[-1]  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths] + ["--"])] + [line(c) for c in cells])
+
+
+def _parse_list(value: str, valid: dict | list, what: str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in valid]
+    if bad or not items:
+        raise SystemExit(f"fusedlinear parity: --{what} {value!r}: unknown {', '.join(map(repr, bad)) or 'empty list'};"
+                         f" choose from {', '.join(valid)} (comma-separated)")
+    return items
+
+
+_EPILOG = "tolerances (per dtype, and why):\n" + "\n".join(f"  {k:9s} {v}" for k, v in TOLERANCE_REASONS.items()) + """
+
+rel. error: max over elements of |got - ref| / scale, where scale = the element's error bound /
+tolerance: sqrt(L)*sum|terms| for a sum of L products, propagated through the activation and its
+derivative (see fusedlinear/parity.py). A row is ok when every element is within its bound.
+Exit status: 0 all ok, 1 a mismatch (or a backend that failed or did not run), 2 bad arguments."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("parity", help="check every backend that runs here against float64 PyTorch",
+                       description=__doc__.split("\n\n")[0] + " Output and every gradient, every activation, "
+                       "odd shapes, strided/transposed/expanded operands, with and without bias.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", help="comma-separated backends to check (default: every one that runs here)")
+    p.add_argument("--dtype", help="comma-separated dtypes (default: each dtype a backend runs; "
+                                   "torch: float64, float32, float16, bfloat16)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (5 instead of 10, each with and without bias)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_parity)
+
+
+def cmd_parity(args) -> int:
+    from . import backend
+
+    backends = _parse_list(args.backend, backend.BACKENDS, "backend") if args.backend else None
+    dtypes = [DTYPES[d] for d in _parse_list(args.dtype, DTYPES, "dtype")] if args.dtype else None
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise SystemExit(f"fusedlinear parity: --json {args.json!r}: directory "
+                         f"{os.path.dirname(os.path.abspath(args.json))!r} does not exist; create it or pick another path")
+    found, skipped = targets(backends, dtypes)
+    if not found:
+        raise SystemExit("fusedlinear parity: nothing to check with --backend "
+                         f"{args.backend or 'all'} --dtype {args.dtype or 'all'} here"
+                         + (f" ({'; '.join(skipped)})" if skipped else "")
+                         + f"; backends and their dtypes: " + "; ".join(
+                             f"{n} {'/'.join(_dtype_name(d) for d in dts) or 'any float dtype'}"
+                             for n, (_, _, dts) in backend.BACKENDS.items()))
+    start = time.perf_counter()
+    rows = run(backends, dtypes, args.quick)
+    print(format_table(rows))
+    bad = sum(not r["ok"] for r in rows)
+    print(f"{len(rows)} checks, {bad} mismatches, {time.perf_counter() - start:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "mismatches": bad, "torch": torch.__version__}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if bad else 0
