@@ -286,7 +286,7 @@ def _cached_plan(x, w, b, activation, slope, mask):
 def forward(x, w, b, activation, slope):
     """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
     (m, k), n = x.shape, w.shape[0]
-    launches = _cached_plan(x, w, b, activation, slope, None)[0]
+    launches, keep, _ = _cached_plan(x, w, b, activation, slope, None)  # keep: copies the launches point into
     xk = matrix_operand(x)[0]
     a = x.new_empty((m, n))
     keeps_z = _activation_slots(activation, slope)[2]
@@ -302,7 +302,7 @@ def backward(grad, saved, x, w, activation, slope, mask):
     """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
     (m, k), n = x.shape, w.shape[0]
     mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))
-    launches = _cached_plan(x, w, None, activation, slope, mask)[0]
+    launches, keep, _ = _cached_plan(x, w, None, activation, slope, mask)  # keep: copies the launches point into
     xk = matrix_operand(x)[0]
     grad = grad.contiguous()
     saved = saved.contiguous()
