@@ -1,5 +1,7 @@
 """Shared test helpers: the plain-PyTorch float64 oracle every kernel is compared with."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,28 +45,30 @@ def make_inputs(lead, k, n, dtype, bias=True, seed=0, device="cpu"):
     return cast(x), cast(w), cast(b)
 
 
-def assert_close(got, ref, dtype, what=""):
-    tol = TOL[dtype]
+def assert_close(got, ref, dtype, what="", tol=None):
+    tol = tol or TOL[dtype]
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     torch.testing.assert_close(got.double().cpu(), ref.double().cpu(), **tol, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_reference(fn, x, w, b, activation, slope=0.01, grad_seed=1, layout=lambda t: t):
-    """Run fn(layout(x), w, b) and the float64 reference; compare output and every gradient.
-    ``layout`` rebuilds x with another memory layout (same values) inside the autograd graph."""
+def check_against_reference(fn, x, w, b, activation, slope=0.01, grad_seed=1, layout=lambda t: t,
+                            w_layout=lambda t: t, tol=None):
+    """Run fn(layout(x), w_layout(w), b) and the float64 reference; compare output and every gradient.
+    ``layout``/``w_layout`` rebuild x/w with another memory layout (same values) inside the autograd
+    graph, so the gradients still reach the plain leaves. ``tol``: instead of TOL[dtype] (give the reason)."""
     dtype = x.dtype
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
     refs = [t.detach().double().cpu().requires_grad_(True) if t is not None else None for t in (x, w, b)]
-    out = fn(layout(leaves[0]), *leaves[1:])
-    ref = reference(layout(refs[0]), *refs[1:], activation, slope)
-    assert_close(out, ref, dtype, "output")
+    out = fn(layout(leaves[0]), w_layout(leaves[1]), leaves[2])
+    ref = reference(layout(refs[0]), w_layout(refs[1]), refs[2], activation, slope)
+    assert_close(out, ref, dtype, "output", tol)
     g = torch.Generator().manual_seed(grad_seed)
     grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     out.backward(grad.to(dtype=dtype, device=out.device))
     ref.backward(grad)
     for name, got, want in zip(("dX", "dW", "db"), leaves, refs):
         if got is not None:
-            assert_close(got.grad, want.grad, dtype, name)
+            assert_close(got.grad, want.grad, dtype, name, tol)
 
 
 def has_cuda_and_cupy():
@@ -80,3 +84,38 @@ def has_cuda_and_cupy():
 @pytest.fixture(params=ACTIVATIONS)
 def activation(request):
     return request.param
+
+
+@pytest.fixture
+def backends_ran(monkeypatch):
+    """The backends that ran each fused call, as a list of (backend name, "forward" | "backward"),
+    recorded by wrapping every backend module's ``forward``/``backward`` (the dispatch contract
+    of fusedlinear.backend): a test asserts which backend ran instead of trusting a setting."""
+    from fusedlinear import backend
+
+    calls = []
+    for name in backend.BACKENDS:
+        try:
+            module = backend.implementation(name)
+        except ImportError:  # cupy's module may need CuPy; nothing of it can run then
+            continue
+        for what in ("forward", "backward"):
+            original = getattr(module, what)
+
+            def spy(*args, _original=original, _call=(name, what), **kwargs):
+                calls.append(_call)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, what, spy)
+    return calls
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch.set_num_threads(n) for the block (the fused CPU kernels run on that many threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
