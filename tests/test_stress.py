@@ -93,7 +93,8 @@ def test_threads_evicting_plans_give_the_single_threaded_bits():
         t.join(timeout=SECONDS + 120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors[:5]
-    assert not mismatches, f"{len(mismatches)} of {sum(calls)} calls differ from the single-threaded bits: {mismatches[:5]}"
+    assert not mismatches, (f"{len(mismatches)} of {sum(calls)} calls differ from the single-threaded bits: "
+                            f"{mismatches[:5]}")
     assert sum(calls) > len(work), f"only {sum(calls)} calls in {SECONDS} s: the plan cache was not cycled"
 
 

@@ -216,14 +216,14 @@ _SHAPES = [
     ("2x3x13->7", (2, 3), 13, (7,), "contiguous", "contiguous"),
     ("37x33->17 x transposed", (37,), 33, (17,), "transposed", "contiguous"),
     ("19x21->11 x row-padded, w transposed", (19,), 21, (11,), "row-padded", "transposed"),
-    ("9x20->13 x expanded, w column-strided", (9,), 20, (13,), "expanded", "column-strided"),
+    ("9x20->13 x expanded, w column-strided, b strided", (9,), 20, (13,), "expanded", "column-strided"),
     ("129x130->65 w row-padded", (129,), 130, (65,), "contiguous", "row-padded"),
     ("257x100->70 x transposed", (257,), 100, (70,), "transposed", "contiguous"),
     ("1031x32->31", (1031,), 32, (31,), "contiguous", "contiguous"),
     ("chain 23x17->9->6", (23,), 17, (9, 6), "contiguous", "transposed"),
 ]
-_QUICK = {"7x13->5", "37x33->17 x transposed", "9x20->13 x expanded, w column-strided", "257x100->70 x transposed",
-          "chain 23x17->9->6"}
+_QUICK = {"7x13->5", "37x33->17 x transposed", "9x20->13 x expanded, w column-strided, b strided",
+          "257x100->70 x transposed", "chain 23x17->9->6"}
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -251,7 +251,7 @@ def _strided_bias(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([b, b]).t().reshape(-1)[1::2]
 
 
-def run_case(case: Case, activation: str, dtype, device, seed: int, call=None) -> dict:
+def run_case(case: Case, activation: str, dtype, device, seed: int) -> dict:
     """The call under test (``fused_linear`` or, for two layers, ``fused_chain``) on ``device`` in
     ``dtype`` against the float64 reference. Returns ``{name: (rel error, ok, note)}`` per tensor."""
     from . import fused_chain, fused_linear
@@ -272,7 +272,6 @@ def run_case(case: Case, activation: str, dtype, device, seed: int, call=None) -
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     x = _layout(to(x64.reshape(-1, case.k)), case.x_layout).reshape(x64.shape).requires_grad_(True) \
         if len(case.lead) == 1 else to(x64).requires_grad_(True)
-    x.retain_grad()
     layers = []
     for i, (w64, b64) in enumerate(params):
         w = to(w64).requires_grad_(True)
@@ -285,10 +284,7 @@ def run_case(case: Case, activation: str, dtype, device, seed: int, call=None) -
             if t is not None:
                 t.retain_grad()
         layers.append((w_op, b_op, activation, slope))
-    if call is None:
-        call = lambda x, layers: (fused_linear(x, *layers[0]) if len(layers) == 1  # noqa: E731
-                                  else fused_chain(x, layers))
-    out = call(x, layers)
+    out = fused_linear(x, *layers[0]) if len(layers) == 1 else fused_chain(x, layers)
     out.backward(to(grad64))
     want = reference(x, layers, to(grad64), device)
     got = {"output": out, "input": x.grad}
@@ -390,9 +386,6 @@ def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdou
                     row.update(ok=False, note=f"backend {name!r} did not run ({spy.calls}): a silent fallback")
                 rows.append(row)
     return rows
-
-
-_COLUMNS = ("backend", "device", "dtype", "activation", "case", "error", "tolerance", "ok")
 
 
 def format_table(rows) -> str:
