@@ -227,5 +227,6 @@ def test_signed_zero_slope(backend, first):
             want = torch.nn.functional.leaky_relu(x.double() @ w.double().t(), slope)
             zero = want == 0
             assert zero.any() and torch.equal(got[zero].signbit(), want[zero].signbit()), (
-                f"slope {slope!r} (slopes {first!r} then {-first!r}, same operands): signs of zeros {got[zero].signbit().tolist()}, "
+                f"slope {slope!r} (slopes {first!r} then {-first!r}, same operands): "
+                f"signs of zeros {got[zero].signbit().tolist()}, "
                 f"want {want[zero].signbit().tolist()}")
