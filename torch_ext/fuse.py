@@ -40,7 +40,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from . import modules as _layers
 from .modules import FusedActivation, FusedLinear, FusedSequential
@@ -215,7 +215,7 @@ def _ineligible(linear: nn.Module) -> str | None:
     if parametrize.is_parametrized(linear):
         return ("parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): "
                 "its weight is computed per call")
-    if any(isinstance(h, torch.nn.utils.prune.BasePruningMethod) for h in linear._forward_pre_hooks.values()):
+    if any(isinstance(h, prune.BasePruningMethod) for h in linear._forward_pre_hooks.values()):
         return "pruned (torch.nn.utils.prune): its weight is weight_orig * weight_mask, set by a pre-hook"
     if type(linear) is not nn.Linear:
         return f"{type(linear).__name__} is a subclass of nn.Linear; its forward may differ"
