@@ -230,3 +230,19 @@ def test_unfuse_restores_the_original_activation_module():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 3), nn.LeakyReLU(0.25))
     plain = fusedlinear.unfuse(fusedlinear.fuse(model))
     assert repr(plain) == repr(model)
+
+
+def test_one_activation_module_used_after_several_layers():
+    """``act = nn.ReLU()`` placed twice in one Sequential: both pairs fused, the module swapped once."""
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 2)).double()
+    model[0].tag = "first"  # a user attribute on the layer goes with it, and comes back
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert len(report.fused) == 2 and fused[1] is fused[3] and isinstance(fused[1], fusedlinear.FusedActivation)
+    assert fused[0].tag == "first"
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x))
+    plain = fusedlinear.unfuse(fused.eval())
+    assert plain[1] is plain[3] and type(plain[1]) is nn.ReLU and not plain[1].training
+    assert plain[0].tag == "first" and not hasattr(plain[0], "activation")

@@ -104,10 +104,10 @@ def _layer_for(linear: nn.Linear, spec) -> FusedLinear:
     layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
                        device="meta", dtype=linear.weight.dtype, **kwargs)
     layer.weight, layer.bias = linear.weight, linear.bias  # shared: optimizers keep working
-    for name, value in linear.__dict__.items():  # the user's own attributes on the layer, if any
-        layer.__dict__.setdefault(name, value)
+    own = {name: value for name, value in linear.__dict__.items() if name not in layer.__dict__}
+    layer.__dict__.update(own)  # the user's own attributes on the layer, if any
     layer.training = linear.training
-    layer._fusedlinear_made_by_fuse = True
+    layer._fusedlinear_made_by_fuse = tuple(own)  # what unfuse gives back to the nn.Linear
     return layer
 
 
@@ -613,14 +613,14 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, seq in model.named_modules():
         for child_name, child in seq._modules.items():
             if isinstance(child, FusedActivation):
+                child.original.training = child.training
                 plan.append(lambda seq=seq, n=child_name, m=child.original: seq._modules.__setitem__(n, m))
             elif isinstance(child, FusedLinear):
                 linear = linears.setdefault(id(child), child.to_linear())
                 linear.training = child.training
-                if getattr(child, "_fusedlinear_made_by_fuse", False):
-                    for key, value in child.__dict__.items():
-                        if key != "_fusedlinear_made_by_fuse":
-                            linear.__dict__.setdefault(key, value)
+                own = getattr(child, "_fusedlinear_made_by_fuse", None)
+                if own is not None:
+                    linear.__dict__.update({key: child.__dict__[key] for key in own if key in child.__dict__})
                     plan.append(lambda seq=seq, n=child_name, m=linear: seq._modules.__setitem__(n, m))
                     continue
                 names = list(seq._modules)
