@@ -231,19 +231,17 @@ class FusedSequential(nn.Sequential):
         return _run(run, input)
 
 
-def _param(module: nn.Module, name: str):
-    """``module.<name>``: straight from ``_parameters`` (nn.Module.__getattr__ costs ~0.5 us a
-    lookup), else the attribute (a parametrized weight is a property computed per call)."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
 def _run(layers: list, input):
     """A run of linear layers: one fused_chain call (two or more layers), else the layers themselves."""
     if len(layers) < 2:
         for layer in layers:
             input = layer(input)
         return input
-    return fused_chain(input, [(_param(m, "weight"), _param(m, "bias"), m.activation, m.negative_slope)
-                               if isinstance(m, FusedLinear) else
-                               (_param(m, "weight"), _param(m, "bias"), "identity", 0.0) for m in layers])
+    try:  # parameters straight from _parameters: nn.Module.__getattr__ costs ~0.5 us a lookup
+        specs = [(m._parameters["weight"], m._parameters["bias"], m.activation, m.negative_slope)
+                 if isinstance(m, FusedLinear) else
+                 (m._parameters["weight"], m._parameters["bias"], "identity", 0.0) for m in layers]
+    except KeyError:  # a parametrized layer (weight_norm, ...): its weight is computed per call
+        specs = [(m.weight, m.bias, m.activation, m.negative_slope) if isinstance(m, FusedLinear) else
+                 (m.weight, m.bias, "identity", 0.0) for m in layers]
+    return fused_chain(input, specs)
