@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from conftest import ACTIVATIONS, TOL, assert_close, make_inputs, reference
+from conftest import ACTIVATIONS, TOL, assert_close, autograd_nodes, make_inputs, reference
 from fusedlinear import FusedLinearReLU, FusedSequential
 
 
@@ -119,15 +119,7 @@ def test_fuse_makes_a_fused_sequential_with_the_same_keys_values_and_gradients()
 
 def test_fused_sequential_runs_each_run_of_layers_as_one_node():
     fused = fusedlinear.fuse(_mlp())
-    out = fused(torch.randn(4, 20))
-    nodes, seen, stack = [], set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(type(node).__name__)
-        stack += [n for n, _ in node.next_functions]
+    nodes = autograd_nodes(fused(torch.randn(4, 20)))
     # Linear+ReLU, Linear+Tanh | Dropout | Linear+GELU, Linear: two chains
     assert nodes.count("FusedChainFunctionBackward") == 2, nodes
     assert "FusedLinearFunctionBackward" not in nodes

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from conftest import TOL
+from conftest import TOL, autograd_nodes
 from fusedlinear import FusedActivation, FusedLinear, FusedSequential
 from fusedlinear.mnist import NeuralNetwork
 
@@ -470,3 +470,30 @@ def test_report_says_what_it_did():
     assert "fused 1 Linear+activation pair(s), left 1 nn.Linear alone" in text
     assert "intermediate.dense + gelu" in text and "output.dense: no activation after it" in text
     assert fusedlinear.fuse(BertLayer()).__class__ is BertLayer  # report=False: just the model
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch CIFAR tutorial's network, its convolutions left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(40, 24)
+        self.fc2 = nn.Linear(24, 16)
+        self.fc3 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = self.fc3(x)
+        return x
+
+
+def test_a_rewritten_forward_runs_its_layers_as_one_chain():
+    torch.manual_seed(0)
+    fused, report = check_fuse(TutorialNet(), torch.randn(6, 5, 8, dtype=F64), pairs=2, rewritten=["(model)"])
+    assert report.chains == [["fc1", "fc2", "fc3"]], str(report)
+    nodes = autograd_nodes(fused(torch.randn(2, 40, dtype=F64, requires_grad=True)))
+    assert nodes.count("FusedChainFunctionBackward") == 1 and "FusedLinearFunctionBackward" not in nodes, nodes
+    fused.fc2.register_forward_hook(lambda m, args, out: out * 0)  # a hook added later: layers called one by one
+    torch.testing.assert_close(fused(torch.randn(2, 40, dtype=F64)), fused.fc3.bias.expand(2, 10))

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from . import modules as _layers
-from .modules import FusedActivation, FusedLinear, FusedSequential
+from .modules import FusedActivation, FusedLinear, FusedSequential, chain_call
 
 # ---------------------------------------------------------------------------------------------
 # Which calls are activations: (activation, negative_slope) or None, from the call's arguments.
@@ -134,13 +134,14 @@ class FusedPair:
 @dataclass
 class FuseReport:
     """What :func:`fuse` did: ``fused`` pairs, each ``nn.Linear`` ``left_alone`` with the reason,
-    the modules whose ``forward`` was ``rewritten``, and the modules found ``untraceable`` with
-    the error. ``str(report)`` is a readable table."""
+    the modules whose ``forward`` was ``rewritten`` (and the runs of layers those call as one
+    ``fused_chain``: ``chains``), and the modules found ``untraceable`` with the error. ``str(report)`` is a readable table."""
 
     fused: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)  # (path, reason)
     rewritten: list = field(default_factory=list)
     untraceable: dict = field(default_factory=dict)  # path -> error
+    chains: list = field(default_factory=list)  # runs of layers a rewritten forward calls as one fused_chain
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} Linear+activation pair(s)"
@@ -148,6 +149,7 @@ class FuseReport:
         lines += [f"  fused   {p.linear} + {p.activation}  (in {p.caller}.forward; {p.how})" for p in self.fused]
         lines += [f"  left    {path}: {reason}" for path, reason in self.left_alone]
         lines += [f"  forward rewritten: {path}" for path in self.rewritten]
+        lines += [f"  chained: {' -> '.join(run)} (one fused_chain call)" for run in self.chains]
         lines += [f"  untraceable: {path}: {why}" for path, why in self.untraceable.items()]
         return "\n".join(lines)
 
@@ -329,6 +331,40 @@ def _erase(graph: torch.fx.Graph, erased) -> None:
     graph.lint()
 
 
+def _chain_runs(graph: torch.fx.Graph, module: nn.Module) -> list:
+    """Replace each run of two or more layer calls in ``graph`` (fused layers or plain ``nn.Linear``,
+    each output used only as the next layer's input) with one :func:`chain_call`; returns the runs
+    (lists of module paths)."""
+
+    def layer(node):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        m = module.get_submodule(node.target)
+        return isinstance(m, FusedLinear) or type(m) is nn.Linear
+
+    runs, seen = [], set()
+    for node in list(graph.nodes):
+        if node in seen or not layer(node):
+            continue
+        run = [node]
+        while len(run[-1].users) == 1:
+            (user,) = run[-1].users
+            if not (layer(user) and user.args[0] is run[-1]):
+                break
+            run.append(user)
+        seen.update(run)
+        if len(run) < 2:
+            continue
+        with graph.inserting_before(run[0]):
+            attrs = [graph.get_attr(n.target) for n in run]
+            call = graph.call_function(chain_call, (run[0].args[0], *attrs))
+        run[-1].replace_all_uses_with(call)
+        for n in reversed(run):
+            graph.erase_node(n)
+        runs.append([n.target for n in run])
+    return runs
+
+
 def _compile(graph: torch.fx.Graph):
     code = graph.python_code(root_module="self")
     scope = dict(code.globals)
@@ -374,6 +410,7 @@ def _install(cls: type, module: nn.Module) -> None:
             fns[False] = fns[True]
             continue
         _erase(graphs[training], cls._fusedlinear_erased[training])
+        cls._fusedlinear_chains = _chain_runs(graphs[training], module)
         fns[training] = _compile(graphs[training])
     names = list(inspect.signature(cls._fusedlinear_base.forward).parameters)[1:]
     args = ", ".join(names)
@@ -570,6 +607,7 @@ def _plan(model: nn.Module):
         _install(cls, caller)
         plan.append(lambda caller=caller, cls=cls: setattr(caller, "__class__", cls))
         summary.rewritten.append(_path(paths[caller_id]))
+        summary.chains += [[f"{paths[caller_id]}.{t}".lstrip(".") for t in run] for run in cls._fusedlinear_chains]
     for p in live:
         how = ("forward rewritten without the activation call" if id(p.caller) in needs_rewrite else
                f"self.{p.act_node.target} became FusedActivation")
