@@ -497,3 +497,13 @@ def test_a_rewritten_forward_runs_its_layers_as_one_chain():
     assert nodes.count("FusedChainFunctionBackward") == 1 and "FusedLinearFunctionBackward" not in nodes, nodes
     fused.fc2.register_forward_hook(lambda m, args, out: out * 0)  # a hook added later: layers called one by one
     torch.testing.assert_close(fused(torch.randn(2, 40, dtype=F64)), fused.fc3.bias.expand(2, 10))
+
+
+def test_fuse_twice_changes_nothing_more():
+    torch.manual_seed(0)
+    model = NeRF().double()
+    once = fusedlinear.fuse(model)
+    twice, report = fusedlinear.fuse(once, report=True)
+    assert len(report.fused) == 0
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    assert_same(model, twice, torch.randn(4, 11, dtype=F64))

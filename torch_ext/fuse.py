@@ -198,7 +198,9 @@ def _opaque(module: nn.Module) -> str | None:
     if isinstance(module, torch.jit.ScriptModule):
         return "a TorchScript module"
     cls = type(module)
-    if cls.__module__.startswith("torch.") and cls is not nn.Sequential and not hasattr(cls, "_fusedlinear_base"):
+    if hasattr(cls, "_fusedlinear_base"):
+        return "its forward was rewritten by an earlier fuse (unfuse first to fuse it again)"
+    if cls.__module__.startswith("torch.") and cls is not nn.Sequential:
         return f"{cls.__name__}'s forward is PyTorch's own, not rewritten"
     return None
 
@@ -309,8 +311,6 @@ def _rewritable(module: nn.Module) -> str | None:
     """Why ``module``'s forward cannot be replaced by its graph, or None."""
     if type(module) is nn.Sequential or isinstance(module, FusedSequential):
         return "nn.Sequential's forward is not rewritten"
-    if hasattr(type(module), "_fusedlinear_base"):
-        return "its forward was rewritten by an earlier fuse; unfuse first"
     params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is not p.empty for p in params):
         return ("its forward has optional or variable arguments, and a graph holds for one way of calling "
