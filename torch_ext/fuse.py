@@ -542,7 +542,8 @@ def _plan(model: nn.Module):
         if why is None and unknown:
             why = f"called from {_path(paths[id(unknown[0])])}, whose forward is not read: {unread[id(unknown[0])]}"
         if why is None and not calls.get(id(linear)):
-            why = "not called in any forward read as a graph"
+            why = ("it is the whole model: no activation after it" if linear is model else
+                   "not called in any forward read as a graph")
         if why is None and id(linear) in reasons:
             why = reasons[id(linear)]
         specs = {pairs[n].spec for n in calls.get(id(linear), []) if n in pairs}
