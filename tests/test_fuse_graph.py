@@ -373,6 +373,7 @@ def test_dropout_between_linear_and_activation():
     fused, report = check_fuse(model, x, pairs=1)
     with pytest.raises(RuntimeError, match="eval mode only"):
         fused.train()(x)
+    assert not fusedlinear.unfuse(fused).drop._forward_pre_hooks  # unfuse takes the guard away
 
 
 def test_linear_used_twice_or_shared_activation():
