@@ -71,6 +71,19 @@ def check_against_reference(fn, x, w, b, activation, slope=0.01, grad_seed=1, la
             assert_close(got.grad, want.grad, dtype, name, tol)
 
 
+def autograd_nodes(out):
+    """The class names of every node in ``out``'s autograd graph."""
+    nodes, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    return nodes
+
+
 def has_cuda_and_cupy():
     if not torch.cuda.is_available():
         return False

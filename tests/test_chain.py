@@ -3,10 +3,11 @@ calls and to plain PyTorch in float64, output and every gradient."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from conftest import ACTIVATIONS, TOL, assert_close, make_inputs, reference
+from conftest import ACTIVATIONS, TOL, assert_close, autograd_nodes, make_inputs, reference
 from fusedlinear import FusedLinearReLU, FusedSequential
 
 
@@ -110,15 +111,7 @@ def test_fuse_makes_a_fused_sequential_with_the_same_keys_values_and_gradients()
 
 def test_fused_sequential_runs_each_run_of_layers_as_one_node():
     fused = fusedlinear.fuse(_mlp())
-    out = fused(torch.randn(4, 20))
-    nodes, seen, stack = [], set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(type(node).__name__)
-        stack += [n for n, _ in node.next_functions]
+    nodes = autograd_nodes(fused(torch.randn(4, 20)))
     # Linear+ReLU, Linear+Tanh | Dropout | Linear+GELU, Linear: two chains
     assert nodes.count("FusedChainFunctionBackward") == 2, nodes
     assert "FusedLinearFunctionBackward" not in nodes
@@ -169,3 +162,71 @@ def test_chain_with_zero_sized_dimensions(rows, widths):
     """An empty batch or a zero-width layer anywhere in a chain: like nn.Linear (K=0 gives the bias)."""
     x, _, _ = make_inputs((rows,), widths[0], 1, torch.float64)
     _check_chain(x, _layers(widths, ["relu", "sigmoid"], torch.float64))
+
+
+class _Scale(nn.Module):
+    """A custom parametrization: weight = 1.5 * original."""
+
+    def forward(self, weight):
+        return weight * 1.5
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "orthogonal", "custom"])
+def test_fused_sequential_with_a_parametrized_layer(parametrize):
+    """Issue #10: the chain read _parameters["weight"], which a parametrized layer does not have (KeyError)."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils.parametrize import register_parametrization
+
+    torch.manual_seed(0)
+    model = FusedSequential(FusedLinearReLU(7, 5), fusedlinear.FusedLinearTanh(5, 5), nn.Linear(5, 3)).double()
+    {"weight_norm": lambda m: parametrizations.weight_norm(m),
+     "spectral_norm": lambda m: parametrizations.spectral_norm(m),
+     "orthogonal": lambda m: parametrizations.orthogonal(m),
+     "custom": lambda m: register_parametrization(m, "weight", _Scale())}[parametrize](model[1])
+    model.eval()  # spectral_norm: no power iteration per call, so both runs see one weight
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for run in ("fused", "reference"):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        if run == "fused":
+            out = model(x)
+        else:  # plain PyTorch ops on the same (parametrized) weights
+            h = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+            h = torch.tanh(F.linear(h, model[1].weight, model[1].bias))
+            out = F.linear(h, model[2].weight, model[2].bias)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        grads.append((out, x.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (out, dx, dp), (ref, rdx, rdp) = grads
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(dx, rdx, **TOL[torch.float64])
+    for name in rdp:
+        torch.testing.assert_close(dp[name], rdp[name], **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
+
+
+def test_global_full_backward_hook_fires_per_layer():
+    """Issue #10: with a global full backward hook the chain ran as one node, so the hook never saw
+    the layers. Now every module is called as a module: each fused layer's hook sees the same input
+    gradient (dX) as the plain model's Linear at that place."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fused = fusedlinear.fuse(eager)
+    assert type(fused) is FusedSequential
+    seen = {}
+
+    def hook(module, grad_input, grad_output):
+        seen.setdefault(run, []).append((type(module).__name__, grad_input[0]))
+
+    handle = torch.nn.modules.module.register_module_full_backward_hook(hook)
+    try:
+        for run, model in (("eager", eager), ("fused", fused)):
+            x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+            model(x).sum().backward()
+    finally:
+        handle.remove()
+    linear_inputs = lambda calls, names: [g for name, g in calls if name in names]
+    eager_dx = linear_inputs(seen["eager"], {"Linear"})
+    fused_dx = linear_inputs(seen["fused"], {"Linear", "FusedLinearReLU", "FusedLinearTanh"})
+    assert len(eager_dx) == len(fused_dx) == 3, seen
+    for got, want in zip(fused_dx, eager_dx):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

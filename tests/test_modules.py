@@ -116,3 +116,133 @@ def test_module_trains_like_linear_relu():
             opt.step()
     for p, q in zip(eager.parameters(), fused.parameters()):
         torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12)
+
+
+# ---- issue #10: fuse keeps what nn.Linear + activation does -----------------------------------
+
+
+def _pair_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh()).double()
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_a_hooked_linear_is_left_alone_and_its_hook_still_acts(kind):
+    """The old fuse replaced the hooked Linear and its hook was gone (values changed)."""
+    model = _pair_model()
+    seen = []
+    hook = {"forward": lambda m, args, out: out * 2,
+            "forward_pre": lambda m, args: (args[0] * 3,),
+            "full_backward": lambda m, gin, gout: seen.append(gout[0].shape)}[kind]
+    getattr(model[0], f"register_{kind}_hook")(hook)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert type(fused[0]) is nn.Linear and isinstance(fused[2], FusedLinearTanh)
+    assert "hook registered on it" in dict(report.left_alone)["0"]
+    torch.testing.assert_close(fused(x), expected)
+    fused(x).sum().backward()
+    assert seen == ([torch.Size([3, 5])] * 1 if kind == "full_backward" else [])
+
+
+def test_a_hooked_activation_is_left_alone():
+    model = _pair_model()
+    model[1].register_forward_hook(lambda m, args, out: out + 1)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert type(fused[0]) is nn.Linear and "has a hook" in dict(report.left_alone)["0"]
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_pruned_linear_is_left_alone_and_fuse_inplace_does_not_fail_half_way():
+    """The old fuse(inplace=True) fused layer 0, then failed on the pruned layer 2 (TypeError)."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh()).double()
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    keys = list(model.state_dict())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = model(x)
+    same, report = fusedlinear.fuse(model, inplace=True, report=True)
+    assert same is model and isinstance(model[0], FusedLinearReLU) and type(model[2]) is nn.Linear
+    assert "pruned" in dict(report.left_alone)["2"]
+    assert list(model.state_dict()) == keys  # weight_orig, weight_mask stay
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_parametrized_linear_is_left_alone():
+    from torch.nn.utils import parametrizations
+
+    model = _pair_model()
+    parametrizations.weight_norm(model[0])
+    x = torch.randn(3, 6, dtype=torch.float64)
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert "parametrized" in dict(report.left_alone)["0"] and isinstance(fused[2], FusedLinearTanh)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_is_atomic(monkeypatch):
+    """A failure while fuse builds its plan leaves an inplace model exactly as it was."""
+    import importlib
+
+    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse")  # the module, not the function
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh())
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    built = []
+    real = fuse_module._layer_for
+
+    def failing(linear, spec):
+        if built:
+            raise RuntimeError("planned failure")
+        built.append(linear)
+        return real(linear, spec)
+
+    monkeypatch.setattr(fuse_module, "_layer_for", failing)
+    with pytest.raises(RuntimeError, match="planned failure"):
+        fusedlinear.fuse(model, inplace=True)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fusedlinear.fuse(42), "fuse expects an nn.Module, got int"),
+    (lambda: fusedlinear.fuse(nn.Linear), "got the class Linear; pass an instance"),
+    (lambda: fusedlinear.fuse(nn.Linear(2, 2), inplace="yes"), "inplace must be True or False, got 'yes'"),
+    (lambda: fusedlinear.fuse(nn.Linear(2, 2), report=1), "report must be True or False, got 1"),
+    (lambda: fusedlinear.unfuse([nn.Linear(2, 2)]), "unfuse expects an nn.Module, got list"),
+    (lambda: fusedlinear.unfuse(nn.Linear(2, 2), inplace=None), "inplace must be True or False, got None"),
+])
+def test_fuse_and_unfuse_bad_arguments(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_unfuse_refuses_before_changing_anything():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), FusedLinearReLU(3, 3))
+    fusedlinear.fuse(model, inplace=True)
+    with pytest.raises(ValueError, match="fused layer 1 .relu. has no nn.Identity after it"):
+        fusedlinear.unfuse(model, inplace=True)
+    assert isinstance(model[0][0], FusedLinearReLU)  # the first one was not unfused either
+
+
+def test_unfuse_restores_the_original_activation_module():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 3), nn.LeakyReLU(0.25))
+    plain = fusedlinear.unfuse(fusedlinear.fuse(model))
+    assert repr(plain) == repr(model)
+
+
+def test_one_activation_module_used_after_several_layers():
+    """``act = nn.ReLU()`` placed twice in one Sequential: both pairs fused, the module swapped once."""
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 2)).double()
+    model[0].tag = "first"  # a user attribute on the layer goes with it, and comes back
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert len(report.fused) == 2 and fused[1] is fused[3] and isinstance(fused[1], fusedlinear.FusedActivation)
+    assert fused[0].tag == "first"
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x))
+    plain = fusedlinear.unfuse(fused.eval())
+    assert plain[1] is plain[3] and type(plain[1]) is nn.ReLU and not plain[1].training
+    assert plain[0].tag == "first" and not hasattr(plain[0], "activation")

@@ -40,10 +40,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from . import modules as _layers
-from .modules import FusedActivation, FusedLinear, FusedSequential
+from .modules import FusedActivation, FusedLinear, FusedSequential, chain_call
 
 # ---------------------------------------------------------------------------------------------
 # Which calls are activations: (activation, negative_slope) or None, from the call's arguments.
@@ -104,10 +104,10 @@ def _layer_for(linear: nn.Linear, spec) -> FusedLinear:
     layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
                        device="meta", dtype=linear.weight.dtype, **kwargs)
     layer.weight, layer.bias = linear.weight, linear.bias  # shared: optimizers keep working
-    for name, value in linear.__dict__.items():  # the user's own attributes on the layer, if any
-        layer.__dict__.setdefault(name, value)
+    own = {name: value for name, value in linear.__dict__.items() if name not in layer.__dict__}
+    layer.__dict__.update(own)  # the user's own attributes on the layer, if any
     layer.training = linear.training
-    layer._fusedlinear_made_by_fuse = True
+    layer._fusedlinear_made_by_fuse = tuple(own)  # what unfuse gives back to the nn.Linear
     return layer
 
 
@@ -134,13 +134,14 @@ class FusedPair:
 @dataclass
 class FuseReport:
     """What :func:`fuse` did: ``fused`` pairs, each ``nn.Linear`` ``left_alone`` with the reason,
-    the modules whose ``forward`` was ``rewritten``, and the modules found ``untraceable`` with
-    the error. ``str(report)`` is a readable table."""
+    the modules whose ``forward`` was ``rewritten`` (and the runs of layers those call as one
+    ``fused_chain``: ``chains``), and the modules found ``untraceable`` with the error. ``str(report)`` is a readable table."""
 
     fused: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)  # (path, reason)
     rewritten: list = field(default_factory=list)
     untraceable: dict = field(default_factory=dict)  # path -> error
+    chains: list = field(default_factory=list)  # runs of layers a rewritten forward calls as one fused_chain
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} Linear+activation pair(s)"
@@ -148,6 +149,7 @@ class FuseReport:
         lines += [f"  fused   {p.linear} + {p.activation}  (in {p.caller}.forward; {p.how})" for p in self.fused]
         lines += [f"  left    {path}: {reason}" for path, reason in self.left_alone]
         lines += [f"  forward rewritten: {path}" for path in self.rewritten]
+        lines += [f"  chained: {' -> '.join(run)} (one fused_chain call)" for run in self.chains]
         lines += [f"  untraceable: {path}: {why}" for path, why in self.untraceable.items()]
         return "\n".join(lines)
 
@@ -196,7 +198,9 @@ def _opaque(module: nn.Module) -> str | None:
     if isinstance(module, torch.jit.ScriptModule):
         return "a TorchScript module"
     cls = type(module)
-    if cls.__module__.startswith("torch.") and cls is not nn.Sequential and not hasattr(cls, "_fusedlinear_base"):
+    if hasattr(cls, "_fusedlinear_base"):
+        return "its forward was rewritten by an earlier fuse (unfuse first to fuse it again)"
+    if cls.__module__.startswith("torch.") and cls is not nn.Sequential:
         return f"{cls.__name__}'s forward is PyTorch's own, not rewritten"
     return None
 
@@ -215,7 +219,7 @@ def _ineligible(linear: nn.Module) -> str | None:
     if parametrize.is_parametrized(linear):
         return ("parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): "
                 "its weight is computed per call")
-    if any(isinstance(h, torch.nn.utils.prune.BasePruningMethod) for h in linear._forward_pre_hooks.values()):
+    if any(isinstance(h, prune.BasePruningMethod) for h in linear._forward_pre_hooks.values()):
         return "pruned (torch.nn.utils.prune): its weight is weight_orig * weight_mask, set by a pre-hook"
     if type(linear) is not nn.Linear:
         return f"{type(linear).__name__} is a subclass of nn.Linear; its forward may differ"
@@ -307,8 +311,6 @@ def _rewritable(module: nn.Module) -> str | None:
     """Why ``module``'s forward cannot be replaced by its graph, or None."""
     if type(module) is nn.Sequential or isinstance(module, FusedSequential):
         return "nn.Sequential's forward is not rewritten"
-    if hasattr(type(module), "_fusedlinear_base"):
-        return "its forward was rewritten by an earlier fuse; unfuse first"
     params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is not p.empty for p in params):
         return ("its forward has optional or variable arguments, and a graph holds for one way of calling "
@@ -327,6 +329,40 @@ def _erase(graph: torch.fx.Graph, erased) -> None:
         nodes[act].replace_all_uses_with(nodes[source])
         graph.erase_node(nodes[act])
     graph.lint()
+
+
+def _chain_runs(graph: torch.fx.Graph, module: nn.Module) -> list:
+    """Replace each run of two or more layer calls in ``graph`` (fused layers or plain ``nn.Linear``,
+    each output used only as the next layer's input) with one :func:`chain_call`; returns the runs
+    (lists of module paths)."""
+
+    def layer(node):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        m = module.get_submodule(node.target)
+        return isinstance(m, FusedLinear) or type(m) is nn.Linear
+
+    runs, seen = [], set()
+    for node in list(graph.nodes):
+        if node in seen or not layer(node):
+            continue
+        run = [node]
+        while len(run[-1].users) == 1:
+            (user,) = run[-1].users
+            if not (layer(user) and user.args[0] is run[-1]):
+                break
+            run.append(user)
+        seen.update(run)
+        if len(run) < 2:
+            continue
+        with graph.inserting_before(run[0]):
+            attrs = [graph.get_attr(n.target) for n in run]
+            call = graph.call_function(chain_call, (run[0].args[0], *attrs))
+        run[-1].replace_all_uses_with(call)
+        for n in reversed(run):
+            graph.erase_node(n)
+        runs.append([n.target for n in run])
+    return runs
 
 
 def _compile(graph: torch.fx.Graph):
@@ -374,6 +410,7 @@ def _install(cls: type, module: nn.Module) -> None:
             fns[False] = fns[True]
             continue
         _erase(graphs[training], cls._fusedlinear_erased[training])
+        cls._fusedlinear_chains = _chain_runs(graphs[training], module)
         fns[training] = _compile(graphs[training])
     names = list(inspect.signature(cls._fusedlinear_base.forward).parameters)[1:]
     args = ", ".join(names)
@@ -505,7 +542,8 @@ def _plan(model: nn.Module):
         if why is None and unknown:
             why = f"called from {_path(paths[id(unknown[0])])}, whose forward is not read: {unread[id(unknown[0])]}"
         if why is None and not calls.get(id(linear)):
-            why = "not called in any forward read as a graph"
+            why = ("it is the whole model: no activation after it" if linear is model else
+                   "not called in any forward read as a graph")
         if why is None and id(linear) in reasons:
             why = reasons[id(linear)]
         specs = {pairs[n].spec for n in calls.get(id(linear), []) if n in pairs}
@@ -570,6 +608,7 @@ def _plan(model: nn.Module):
         _install(cls, caller)
         plan.append(lambda caller=caller, cls=cls: setattr(caller, "__class__", cls))
         summary.rewritten.append(_path(paths[caller_id]))
+        summary.chains += [[f"{paths[caller_id]}.{t}".lstrip(".") for t in run] for run in cls._fusedlinear_chains]
     for p in live:
         how = ("forward rewritten without the activation call" if id(p.caller) in needs_rewrite else
                f"self.{p.act_node.target} became FusedActivation")
@@ -613,14 +652,14 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, seq in model.named_modules():
         for child_name, child in seq._modules.items():
             if isinstance(child, FusedActivation):
+                child.original.training = child.training
                 plan.append(lambda seq=seq, n=child_name, m=child.original: seq._modules.__setitem__(n, m))
             elif isinstance(child, FusedLinear):
                 linear = linears.setdefault(id(child), child.to_linear())
                 linear.training = child.training
-                if getattr(child, "_fusedlinear_made_by_fuse", False):
-                    for key, value in child.__dict__.items():
-                        if key != "_fusedlinear_made_by_fuse":
-                            linear.__dict__.setdefault(key, value)
+                own = getattr(child, "_fusedlinear_made_by_fuse", None)
+                if own is not None:
+                    linear.__dict__.update({key: child.__dict__[key] for key in own if key in child.__dict__})
                     plan.append(lambda seq=seq, n=child_name, m=linear: seq._modules.__setitem__(n, m))
                     continue
                 names = list(seq._modules)

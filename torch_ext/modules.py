@@ -202,6 +202,11 @@ def _global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` that runs each run of two or more linear layers in it (fused layers
     and plain ``nn.Linear``, with the ``nn.Identity`` placeholders :func:`fuse` leaves between
@@ -218,8 +223,7 @@ class FusedSequential(nn.Sequential):
             return super().forward(input)
         run = []
         for module in self._modules.values():
-            if not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                    or module._backward_pre_hooks):
+            if not _hooked(module):
                 if type(module) is nn.Identity or type(module) is FusedActivation:
                     continue
                 if isinstance(module, FusedLinear) or type(module) is nn.Linear:
@@ -231,19 +235,29 @@ class FusedSequential(nn.Sequential):
         return _run(run, input)
 
 
-def _param(module: nn.Module, name: str):
-    """``module.<name>``: straight from ``_parameters`` (nn.Module.__getattr__ costs ~0.5 us a
-    lookup), else the attribute (a parametrized weight is a property computed per call)."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
 def _run(layers: list, input):
     """A run of linear layers: one fused_chain call (two or more layers), else the layers themselves."""
     if len(layers) < 2:
         for layer in layers:
             input = layer(input)
         return input
-    return fused_chain(input, [(_param(m, "weight"), _param(m, "bias"), m.activation, m.negative_slope)
-                               if isinstance(m, FusedLinear) else
-                               (_param(m, "weight"), _param(m, "bias"), "identity", 0.0) for m in layers])
+    try:  # parameters straight from _parameters: nn.Module.__getattr__ costs ~0.5 us a lookup
+        specs = [(m._parameters["weight"], m._parameters["bias"], m.activation, m.negative_slope)
+                 if isinstance(m, FusedLinear) else
+                 (m._parameters["weight"], m._parameters["bias"], "identity", 0.0) for m in layers]
+    except KeyError:  # a parametrized layer (weight_norm, ...): its weight is computed per call
+        specs = [(m.weight, m.bias, m.activation, m.negative_slope) if isinstance(m, FusedLinear) else
+                 (m.weight, m.bias, "identity", 0.0) for m in layers]
+    return fused_chain(input, specs)
+
+
+def chain_call(input, *layers):
+    """``layers`` (fused layers and plain ``nn.Linear``) called one after another on ``input``, as
+    one :func:`fused_chain` call where that gives the same as calling them: what a forward that
+    :func:`fusedlinear.fuse` rewrote calls for each run of layers in its graph."""
+    if _global_hooks() or not all((isinstance(m, FusedLinear) or type(m) is nn.Linear) and not _hooked(m)
+                                  for m in layers):
+        for layer in layers:
+            input = layer(input)
+        return input
+    return _run(list(layers), input)
