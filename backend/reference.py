@@ -32,7 +32,7 @@ def forward(x, w, b, activation, slope):
     z = F.linear(x, w, b)
     a = FORWARD[activation](z, slope)
     keep_z = _acts.ACTIVATIONS[activation].saves == "z"
-    return a, (z if keep_z else x.new_empty(0))
+    return a, (z if keep_z else w.new_empty(0))  # w, not x: x may be sparse
 
 
 def grad_z(grad, saved, activation, slope):
@@ -48,7 +48,7 @@ def grad_z(grad, saved, activation, slope):
 
 def backward(grad, saved, x, w, activation, slope, mask):
     dz = grad_z(grad, saved, activation, slope)
-    dx = dz @ w if mask[0] else x.new_empty(0)
-    dw = dz.t() @ x if mask[1] else x.new_empty(0)
-    db = dz.sum(0) if mask[2] else x.new_empty(0)
+    dx = dz @ w if mask[0] else w.new_empty(0)  # (w: x may be sparse)
+    dw = dz.t() @ x if mask[1] else w.new_empty(0)
+    db = dz.sum(0) if mask[2] else w.new_empty(0)
     return dx, dw, db
