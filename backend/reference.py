@@ -32,7 +32,7 @@ def forward(x, w, b, activation, slope):
     z = F.linear(x, w, b)
     a = FORWARD[activation](z, slope)
     keep_z = _acts.ACTIVATIONS[activation].saves == "z"
-    return a, (z if keep_z else x.new_empty(0))
+    return a, (z if keep_z else w.new_empty(0))  # w, not x: x may be sparse
 
 
 def grad_z(grad, saved, activation, slope):
@@ -57,7 +57,7 @@ def backward(grad, saved, x, w, activation, slope, mask):
     result carries a graph in ``grad``, ``saved``, ``x`` and ``w`` (and so second derivatives are
     autograd's), and it runs on functorch's batched tensors (vmap, ``is_grads_batched``)."""
     dz = grad_z(grad, saved, activation, slope)
-    dx = dz @ w if mask[0] else x.new_empty(0)
-    dw = dz.t() @ x if mask[1] else x.new_empty(0)
-    db = dz.sum(0) if mask[2] else x.new_empty(0)
+    dx = dz @ w if mask[0] else w.new_empty(0)  # (w: x may be sparse)
+    dw = dz.t() @ x if mask[1] else w.new_empty(0)
+    db = dz.sum(0) if mask[2] else w.new_empty(0)
     return dx, dw, db

@@ -270,12 +270,7 @@ def _spawn(spec: dict) -> dict:
 
 
 def run(args) -> list[dict]:
-    providers = [p for p in args.providers.split(",") if p]
-    for p in providers:
-        if p not in PROVIDERS:
-            raise SystemExit(f"fusedlinear bench: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
-    batches = [int(b) for b in args.batches.split(",")]
-    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    providers, batches, shape = args.providers, args.batches, args.shape  # parsed and checked by add_parser
     pooled = {(p, b): [] for p in providers for b in batches}
     per_round = {(p, b): [] for p in providers for b in batches}  # one median per process
     rss = {p: 0.0 for p in providers}
@@ -409,20 +404,61 @@ def coldstart(args) -> list[dict]:
     return rows
 
 
+def _providers(text: str) -> list[str]:
+    names = [p for p in text.split(",") if p]
+    bad = [p for p in names if p not in PROVIDERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown provider {', '.join(map(repr, bad)) or '(none given)'}; "
+                                         f"choose from {', '.join(PROVIDERS)} (comma-separated)")
+    return names
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes >= 1 (e.g. 1,64,1024)")
+    return batches
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        shape = tuple(int(v) for v in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in_features x out_features (e.g. 784x512)")
+    return shape
+
+
+def _activation(text: str) -> str:
+    from .kernels import NAMES
+
+    if text not in NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an activation; choose from {', '.join(NAMES)}")
+    return text
+
+
 def add_parser(sub) -> None:
+    from .cli import _number, positive_int, writable_file
+
     p = sub.add_parser("bench", help="benchmarks beside eager PyTorch, torch.compile and bare BLAS",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("layer", "step", "infer", "coldstart"))
-    p.add_argument("--providers", default="fused,eager,compile,blas")
-    p.add_argument("--batches", default="1,16,64,256,1024,4096")
-    p.add_argument("--shape", default="784x512", help="layer: in x out features (default 784x512)")
+    p.add_argument("--providers", type=_providers, default="fused,eager,compile,blas")
+    p.add_argument("--batches", type=_batches, default="1,16,64,256,1024,4096")
+    p.add_argument("--shape", type=_shape, default="784x512", help="layer: in x out features (default 784x512)")
     p.add_argument("--mode", choices=("forward", "backward", "fwdbwd"), default="fwdbwd", help="layer only")
-    p.add_argument("--activation", default="relu", help="layer only")
-    p.add_argument("--rounds", type=int, default=3, help="processes per provider, alternated (default 3)")
-    p.add_argument("--reps", type=int, default=20, help="timed calls per point per process, at least")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="timed seconds per point per process, at least")
-    p.add_argument("--csv", help="append rows to this CSV")
-    p.add_argument("--plot", help="PNG of time/eager and GFLOP/s against batch")
+    p.add_argument("--activation", type=_activation, default="relu", help="layer only")
+    p.add_argument("--rounds", type=positive_int, default=3, help="processes per provider, alternated (default 3)")
+    p.add_argument("--reps", type=positive_int, default=20, help="timed calls per point per process, at least")
+    p.add_argument("--min-seconds", type=_number(float, minimum=0), default=0.5,
+                   help="timed seconds per point per process, at least")
+    p.add_argument("--csv", type=writable_file, help="append rows to this CSV")
+    p.add_argument("--plot", type=writable_file, help="PNG of time/eager and GFLOP/s against batch")
     p.set_defaults(func=cmd_bench)
 
 

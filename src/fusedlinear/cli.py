@@ -1,13 +1,75 @@
-"""``fusedlinear`` command line: ``train`` (the main job), ``info``, ``bench``."""
+"""``fusedlinear`` command line: ``train`` (the main job), ``info``, ``bench``.
+
+Bad input (an argument, an environment variable, a path) is refused before any work starts,
+with one line on stderr naming the value and the fix, and exit status 2 (as argparse's own
+usage errors); no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import platform
 import sys
 
 import torch
+
+
+class UsageError(Exception):
+    """A bad argument or environment value: ``main`` prints it as one line and exits with 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block): ``prog: error: message``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, minimum):
+    """An argparse type: a finite ``kind`` (int or float) of at least ``minimum``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of at least {minimum}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, minimum=1)
+
+
+def writable_file(text: str) -> str:
+    """An argparse type: a file path whose directory exists and may be written (checked before
+    any work, so a long run does not end in a failed save)."""
+    directory = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name in it")
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written here; choose a writable path")
+    return text
+
+
+def _check_environment() -> None:
+    """FUSEDLINEAR_BACKEND and FUSEDLINEAR_CPU_BLAS, before any work."""
+    from . import backend
+    from .backend import numba_cpu
+
+    try:
+        backend.forced_backend()
+    except ValueError as exc:
+        raise UsageError(f"{exc}; unset it or choose one of those") from None
+    if numba_cpu.BLAS_CHOICE not in numba_cpu.BLAS_CHOICES:
+        raise UsageError(f"FUSEDLINEAR_CPU_BLAS={numba_cpu.BLAS_CHOICE!r} is not a BLAS choice: use one of "
+                         f"{', '.join(numba_cpu.BLAS_CHOICES)} (or unset it)")
 
 
 def _default_device() -> str:
@@ -27,10 +89,11 @@ def _add_train(sub) -> None:
                    help="shift each training image by up to this many pixels at random (default 2; 0: off)")
     p.add_argument("--data-dir", default=None,
                    help="directory of IDX files (train-images-idx3-ubyte[.gz], ...) instead of the bundled digits")
-    p.add_argument("--save", metavar="PATH", help="save the trained state_dict (loads into plain NeuralNetwork)")
-    p.add_argument("--json", metavar="PATH", help="write a JSON summary")
+    p.add_argument("--save", metavar="PATH", type=writable_file,
+                   help="save the trained state_dict (loads into plain NeuralNetwork)")
+    p.add_argument("--json", metavar="PATH", type=writable_file, help="write a JSON summary")
     p.add_argument("--compare", action="store_true", help="train eager and fused from one seed, side by side")
-    p.add_argument("--plot", metavar="PATH", help="PNG of the loss and accuracy curves (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH", type=writable_file, help="PNG of the loss and accuracy curves (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="train with DistributedDataParallel in N processes (gloo on CPU, nccl on CUDA); "
@@ -41,12 +104,12 @@ def _check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise SystemExit(f"fusedlinear: --device {device!r} is not a device name (try cpu or cuda)") from None
+        raise UsageError(f"--device {device!r} is not a device name (try cpu or cuda)") from None
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"fusedlinear: --device {device} asked for, but PyTorch sees "
+        raise UsageError(f"--device {device} asked for, but PyTorch sees "
                          f"{torch.cuda.device_count() or 'no'} CUDA GPU(s); use --device cpu")
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"fusedlinear: --device {device}: only cpu and cuda are supported")
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
     return device
 
 
@@ -54,24 +117,33 @@ def cmd_train(args) -> int:
     from . import mnist, train
 
     device = _check_device(args.device or _default_device())
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.compare and args.save:
+        raise UsageError("--save needs a single training run: drop --compare (or --save)")
+    if args.compare and args.nproc > 1:
+        raise UsageError("--compare runs in one process: drop --nproc")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'fusedlinear[plot]' (or drop --plot)")
     cfg = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             optimizer=args.optimizer, device=device, seed=args.seed, shift=args.shift)
     try:
         cfg.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
         data = mnist.load_idx_dir(args.data_dir) if args.data_dir else mnist.load_bundled()
-    except (ValueError, mnist.IDXError) as exc:
-        raise SystemExit(f"fusedlinear: {exc}") from None
+    except mnist.IDXError as exc:
+        raise UsageError(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(f"data: {data.source}")
         print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
     progress = not args.no_progress
     from . import distributed
 
-    if args.nproc < 1:
-        raise SystemExit(f"fusedlinear: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 or distributed.under_torchrun():
         if args.compare:
-            raise SystemExit("fusedlinear: --compare runs in one process; drop --nproc")
+            raise UsageError("--compare runs in one process; drop --nproc")
         try:
             if distributed.under_torchrun():
                 world = int(os.environ["WORLD_SIZE"])
@@ -80,7 +152,7 @@ def cmd_train(args) -> int:
             else:
                 result = distributed.launch(args.nproc, data, cfg)
         except ValueError as exc:
-            raise SystemExit(f"fusedlinear: {exc}") from None
+            raise UsageError(str(exc)) from None
         if result is None:  # not rank 0 under torchrun: rank 0 reports and saves
             return 0
         summary, state = result
@@ -99,8 +171,6 @@ def cmd_train(args) -> int:
         print(f"test accuracy {summary['test_accuracy']:.4f}, final loss {summary['final_loss']:.4f}, "
               f"{summary['seconds']:.1f} s in all, {summary['samples_per_s']:,.0f} samples/s while training")
     if args.save:
-        if model is None:
-            raise SystemExit("fusedlinear: --save needs a single training run (drop --compare)")
         train.save_state_dict(model, args.save)
         print(f"saved state_dict to {args.save} (loads into fusedlinear.mnist.NeuralNetwork with strict=True)")
     if args.json:
@@ -110,7 +180,7 @@ def cmd_train(args) -> int:
         try:
             train.save_plot(histories, args.plot)
         except RuntimeError as exc:
-            raise SystemExit(f"fusedlinear: {exc}") from None
+            raise UsageError(str(exc)) from None
         print(f"wrote {args.plot}")
     return 0
 
@@ -171,7 +241,7 @@ def _safe_select(backend, device, dtype) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedlinear", description=__doc__)
+    parser = _Parser(prog="fusedlinear", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     sub.add_parser("info", help="versions, devices, backends, JIT caches, threads")
@@ -185,7 +255,12 @@ def main(argv=None) -> int:
 
     add_parity(sub)
     args = parser.parse_args(argv)
-    return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
+    try:
+        _check_environment()
+        return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
+    except UsageError as exc:
+        print(f"fusedlinear {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""The command line refuses bad input as a new user types it: one line on stderr naming the value
+and the fix, exit status 2, no traceback, and nothing done first (no training before a refusal)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    # (environment, arguments, what the one line must say)
+    ({"FUSEDLINEAR_CPU_BLAS": "bogus"}, ["info"], "FUSEDLINEAR_CPU_BLAS='bogus' is not a BLAS choice: use one of auto, mkl, openblas"),
+    ({"FUSEDLINEAR_BACKEND": "triton"}, ["train", "--epochs", "1"], "unknown backend 'triton' (environment variable FUSEDLINEAR_BACKEND)"),
+    ({"FUSEDLINEAR_BACKEND": "triton"}, ["info"], "valid backends are numba, cupy, torch"),
+    ({}, ["bench", "layer", "--batches", "abc"], "--batches: 'abc' is not a comma-separated list of batch sizes"),
+    ({}, ["bench", "layer", "--batches", "1,0"], "--batches: '1,0' is not a comma-separated list of batch sizes >= 1"),
+    ({}, ["bench", "layer", "--shape", "10"], "--shape: '10' is not in_features x out_features (e.g. 784x512)"),
+    ({}, ["bench", "layer", "--activation", "ReLU"], "--activation: 'ReLU' is not an activation; choose from identity, relu"),
+    ({}, ["bench", "layer", "--rounds", "0"], "--rounds: '0' must be a finite number of at least 1"),
+    ({}, ["bench", "layer", "--reps", "0"], "--reps: '0' must be a finite number of at least 1"),
+    ({}, ["bench", "layer", "--min-seconds", "nan"], "--min-seconds: 'nan' must be a finite number of at least 0"),
+    ({}, ["bench", "layer", "--providers", "fused,tensorflow"], "unknown provider 'tensorflow'; choose from fused"),
+    ({}, ["bench", "layer", "--csv", "/nonexistent-dir/x.csv"], "directory /nonexistent-dir does not exist"),
+    ({}, ["train", "--epochs", "-3"], "--epochs must be at least 1, got -3"),
+    ({}, ["train", "--epochs", "two"], "--epochs: invalid int value: 'two'"),
+    ({}, ["train", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ({}, ["train", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    ({}, ["train", "--shift", "-1"], "--shift must be between 0 and 8 pixels, got -1"),
+    ({}, ["train", "--nproc", "0"], "--nproc must be at least 1, got 0"),
+    ({}, ["train", "--data-dir", "/nonexistent/dir"], "--data-dir /nonexistent/dir is not a directory"),
+    ({}, ["train", "--save", "/nonexistent-dir/model.pt"], "directory /nonexistent-dir does not exist; create it first"),
+    ({}, ["train", "--json", "/"], "'/' is a directory; give a file name in it"),
+    ({}, ["train", "--device", "mps"], "--device mps: only cpu and cuda are supported"),
+    ({}, ["train", "--device", "tpu:0"], "--device 'tpu:0' is not a device name (try cpu or cuda)"),
+    ({}, ["train", "--compare", "--nproc", "2"], "--compare runs in one process: drop --nproc"),
+]
+
+
+def _cli(env, args):
+    return subprocess.run([sys.executable, "-m", "fusedlinear", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("env, args, message", CASES, ids=[" ".join(c[1]) + (f" {c[0]}" if c[0] else "") for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(env, args, message):
+    out = _cli(env, args)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
+    assert message in lines[0], lines[0]
+
+
+def test_compare_with_save_is_refused_before_training(tmp_path):
+    out = _cli({}, ["train", "--compare", "--save", str(tmp_path / "m.pt"), "--no-progress"])
+    assert out.returncode == 2 and "--save needs a single training run: drop --compare" in out.stderr, out.stderr
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1  # nothing trained, nothing printed
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_save_path_is_refused_before_training(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        out = _cli({}, ["train", "--save", str(locked / "m.pt"), "--no-progress"])
+    finally:
+        locked.chmod(0o700)
+    assert out.returncode == 2 and "cannot be written here; choose a writable path" in out.stderr, out.stderr
+    assert out.stdout == ""
