@@ -44,3 +44,29 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
     for g1, g0 in zip(grads[1], grads[0]):
         torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_under_autocast_matches_eager():
+    """Autocast's casts in fused_linear trace without a graph break, and give eager's bfloat16."""
+    x, w, b = make_inputs((8,), 16, 4, torch.float32)
+    w.requires_grad_()
+
+    def f(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fusedlinear.fused_linear(x, w, b, "gelu")
+
+    got, want = torch.compile(f, fullgraph=True)(x, w, b), f(x, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)  # the same bfloat16 ops in both: at most a rounding apart
+    got.float().sum().backward()
+    assert w.grad.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compile_reports_the_eager_error():
+    """Under torch.compile the op's fake implementation validates: the same message as eager."""
+    x, w, _ = make_inputs((8,), 16, 4, torch.float32)
+    f = torch.compile(lambda x, w: fusedlinear.FusedLinearFunction.apply(x, w, None, "relu", 0.01), fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"last dimension is 16.*in_features=15"):
+        f(x, w[:, :15])
