@@ -222,8 +222,7 @@ def cmd_info(args) -> int:
     print("JIT caches:")
     from .kernels import cpu
 
-    cache = getattr(cpu.forward_f32, "_cache", None)
-    print(f"  numba: {getattr(cache, '_cache_path', None) or 'disabled'}"
+    print(f"  numba: {(cpu.cache_dir() if cpu.CACHE else None) or 'disabled'}"
           f"{' (NUMBA_CACHE_DIR)' if os.environ.get('NUMBA_CACHE_DIR') else ''}")
     print(f"  cupy: {os.environ.get('CUPY_CACHE_DIR', os.path.expanduser('~/.cupy/kernel_cache'))}")
     return 0

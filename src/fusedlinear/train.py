@@ -15,7 +15,7 @@ from torch import nn
 
 from . import backend
 from .mnist import Dataset, NeuralNetwork
-from .torch_ext import fuse
+from .torch_ext import FusedLinear, fuse
 
 
 @dataclass
@@ -123,6 +123,7 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(cfg.seed)  # same batches for every model (and rank) of one seed
         self.augment = Shift(self.x, cfg.shift, cfg.seed)
         self.history = History(label)
+        prepare_kernels(model, cfg)
 
     def _batch_starts_end(self) -> int:
         n, bs = len(self.y), self.cfg.batch_size
@@ -167,6 +168,22 @@ class Trainer:
         correct = evaluate(model, self.tx[mine], self.ty[mine]) * len(mine)
         correct, total = distributed.all_sum([correct, len(mine)], self.cfg.device)
         h.test_accuracy.append(correct / total)
+
+
+def prepare_kernels(model: nn.Module, cfg: TrainConfig) -> None:
+    """Load (or, on first use, compile) the fused CPU kernels ``model`` runs, before any progress
+    bar: a first run's compile, with its one line on stderr, comes before training starts and
+    not inside the first epoch's bar and time. Nothing to do for other backends."""
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(cfg.dtype)
+    if dtype is None or backend_for(cfg) != "numba":
+        return
+    from .kernels import cpu
+
+    activations = {m.activation for m in model.modules() if isinstance(m, FusedLinear)}
+    if activations and any(type(m) is nn.Linear for m in model.modules()):
+        activations.add("identity")  # a plain nn.Linear in a run of fused layers runs in their fused_chain
+    activations = sorted(activations)
+    cpu.load([(phase, activation, dtype) for activation in activations for phase in cpu.PHASES])
 
 
 def _progress(total: int, label: str, enabled: bool):
