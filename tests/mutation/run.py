@@ -8,8 +8,9 @@ the project, one at a time, run the tests that should catch it, and print which 
 Nothing is installed: the copy is laid out as the installed package (setuptools' package-dir
 mapping from pyproject.toml: src/fusedlinear -> fusedlinear, kernels -> fusedlinear/kernels, ...)
 and put first on PYTHONPATH, ahead of any installed or editable fusedlinear, for pytest and every
-process the tests start. Each mutation gets a fresh, empty NUMBA_CACHE_DIR, so stale compiled
-kernels can never hide a mutation. A mutation whose ``old`` text is not found exactly once fails
+process the tests start. A mutation in kernels/ gets a fresh, empty NUMBA_CACHE_DIR, so stale
+compiled kernels can never hide it; the others share one cache of the unmutated kernels (the
+trees are built at one path, so its entries match byte-identical kernel files). A mutation whose ``old`` text is not found exactly once fails
 the whole run before anything runs: the list must follow the code.
 
 First the unmutated copy runs every selected test (all must pass: a kill means nothing otherwise;
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary trees (their path is printed)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary tree (its path is printed)")
     args = parser.parse_args(argv)
 
     mutations = load_mutations()
@@ -148,9 +149,10 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="fusedlinear-mutation-")
     rows, status = [], 0
     try:
+        shared = os.path.join(work, "numba-cache-unmutated-kernels")
         if not args.no_baseline:
-            repo, site = build_tree(os.path.join(work, "baseline"), None)
-            env = environment(site, os.path.join(work, "baseline", "numba-cache"))
+            repo, site = build_tree(os.path.join(work, "tree"), None)
+            env = environment(site, shared)
             check_import(site, env)
             selections = {tuple(m["tests"]) for m in mutations}
             t0 = time.perf_counter()
@@ -162,9 +164,14 @@ def main(argv=None) -> int:
             print(f"baseline: {len(selections)} selections pass on the unmutated copy ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
         for i, m in enumerate(mutations):
-            dest = os.path.join(work, f"m{i:02d}")
+            # Every tree is built at the same path, so the Numba cache of one whose kernels/ is
+            # unmutated (byte-identical files, same paths and times) is valid for the next such tree:
+            # a mutation outside kernels/ shares it; one inside kernels/ gets a fresh, empty cache.
+            dest = os.path.join(work, "tree")
+            shutil.rmtree(dest, ignore_errors=True)
             repo, site = build_tree(dest, m)
-            env = environment(site, os.path.join(dest, "numba-cache"))  # fresh: no stale kernels
+            cache = os.path.join(work, f"numba-cache-{i:02d}") if m["file"].startswith("kernels/") else shared
+            env = environment(site, cache)
             if i == 0:
                 check_import(site, env)
             t0 = time.perf_counter()
@@ -175,8 +182,8 @@ def main(argv=None) -> int:
                 status = 1
             rows.append((m["id"], m["file"], verdict, seconds))
             print(f"[{i + 1}/{len(mutations)}] {m['id']}: {verdict.splitlines()[0]} ({seconds:.0f} s)", flush=True)
-            if not args.keep:
-                shutil.rmtree(dest, ignore_errors=True)
+            if cache != shared:
+                shutil.rmtree(cache, ignore_errors=True)
     finally:
         if args.keep:
             print(f"trees kept in {work}")
