@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import fusedlinear
 from conftest import reference
@@ -59,13 +60,6 @@ CASES = [
 ]
 
 
-def _outcome(fn):
-    try:
-        return fn(), None
-    except Exception as exc:  # the test below checks which exception
-        return None, exc
-
-
 @pytest.mark.parametrize("x,w,b,act,slope,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_hostile_input(x, w, b, act, slope, exc, pattern):
     if exc is not None:
@@ -73,18 +67,21 @@ def test_hostile_input(x, w, b, act, slope, exc, pattern):
             fusedlinear.fused_linear(x, w, b, act, slope)
         return
     leaves = [v.clone().requires_grad_(v.is_floating_point()) if v is not None else None for v in (x, w, b)]
-    refs = [v.clone().requires_grad_(v.is_floating_point()) if v is not None else None for v in (x, w, b)]
+    # the reference: float64 PyTorch on the same values (never the fused code's own dtype and path)
+    refs = [v.detach().double().requires_grad_(True) if v is not None else None for v in (x, w, b)]
     with _maybe_warns(x.dtype):
         out = fusedlinear.fused_linear(*leaves, act, slope)
     ref = reference(*refs, act, slope)
-    tol = dict(atol=1e-2, rtol=1e-2) if x.dtype in (torch.float16, torch.bfloat16) else dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out, ref, equal_nan=True, **tol)
+    # float16/bfloat16: a few roundings to 11/8 significant bits of O(1) values (see test_parity's
+    # half-precision test); float32: summation order over K = 5 terms, relative to values up to 1e4
+    tol = dict(atol=3e-2, rtol=3e-2) if x.dtype in (torch.float16, torch.bfloat16) else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, **tol)
     grad = torch.ones_like(ref)
-    out.backward(grad)
+    out.backward(grad.to(out.dtype))
     ref.backward(grad)
     for got, want in zip(leaves, refs):
         if got is not None and got.grad is not None:
-            torch.testing.assert_close(got.grad, want.grad, equal_nan=True, **tol)
+            torch.testing.assert_close(got.grad.double(), want.grad, equal_nan=True, **tol)
 
 
 def _maybe_warns(dtype):
@@ -98,25 +95,28 @@ def _maybe_warns(dtype):
     return contextlib.nullcontext()
 
 
-def test_at_least_25_cases():
-    assert len(CASES) >= 25
+def test_wrong_checkpoints_are_refused_and_change_nothing(tmp_path):
+    """Checkpoints written by the project (`train.save_state_dict`, what `--save` writes) load into the
+    fused model and the plain one with strict=True; a wrong-shaped or incomplete one raises naming the
+    key and leaves the fused model as it was."""
+    from fusedlinear import mnist, train
 
-
-def test_corrupt_checkpoints_raise_clearly(tmp_path):
-    model = fusedlinear.FusedLinearReLU(5, 4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.save(model.state_dict(), tmp_path / "ok.pt")
-    data = (tmp_path / "ok.pt").read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):
-        torch.load(tmp_path / "truncated.pt")
-    wrong = {"weight": torch.zeros(3, 5), "bias": torch.zeros(3)}
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        model.load_state_dict(wrong, strict=True)
-    for k, v in model.state_dict().items():  # nothing of the wrong-shaped checkpoint got in
-        assert torch.equal(v, before[k])
-    with pytest.raises(RuntimeError, match="Missing key"):
-        model.load_state_dict({"weight": torch.zeros(4, 5)}, strict=True)
+    fused = fusedlinear.fuse(mnist.NeuralNetwork())
+    path = str(tmp_path / "ok.pt")
+    train.save_state_dict(fused, path)
+    plain = mnist.NeuralNetwork()
+    plain.load_state_dict(torch.load(path), strict=True)
+    x = t(3, 1, 28, 28)
+    torch.testing.assert_close(plain(x), fused(x), atol=1e-5, rtol=1e-5)  # float32, K = 784: summation order
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    wrong = dict(before, **{"linear_relu_stack.2.weight": torch.zeros(3, 512)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for linear_relu_stack\.2\.weight"):
+        fused.load_state_dict(wrong, strict=True)
+    missing = {k: v for k, v in before.items() if k != "linear_relu_stack.0.bias"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*linear_relu_stack\.0\.bias"):
+        fused.load_state_dict(missing, strict=True)
+    for k, v in fused.state_dict().items():  # nothing of the wrong checkpoints got in
+        assert torch.equal(v, before[k]), k
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -136,3 +136,32 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         train.save_state_dict(fusedlinear.FusedLinearReLU(5, 4), path)
     assert (tmp_path / "model.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+# fuse/unfuse on what they cannot handle: an error naming the module and the fix, and nothing changed.
+def test_fuse_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="fuse expects an nn.Module, got list"):
+        fusedlinear.fuse([nn.Linear(3, 3), nn.ReLU()])
+
+
+@pytest.mark.parametrize("build,pattern", [
+    # a fused layer last in its Sequential: no nn.Identity to take the activation back
+    (lambda: nn.Sequential(nn.Linear(3, 3), fusedlinear.FusedLinearSigmoid(3, 2)), r"'1' \(sigmoid\) has no nn.Identity"),
+    # followed by something other than the nn.Identity that fuse leaves
+    (lambda: nn.Sequential(fusedlinear.FusedLinearReLU(3, 3), nn.Dropout(), nn.Linear(3, 2)), r"'0' \(relu\)"),
+    # a fused layer that is not inside any nn.Sequential
+    (lambda: _Holder(fusedlinear.FusedLinearTanh(3, 2)), r"fused layer 'layer' is not inside an nn.Sequential"),
+], ids=["last", "not-identity", "outside-sequential"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_unfuse_refuses_what_it_cannot_undo_and_changes_nothing(build, pattern, inplace):
+    model = build()
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match=pattern):
+        fusedlinear.unfuse(model, inplace=inplace)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer

@@ -143,6 +143,9 @@ def test_half_precision_falls_back_to_torch_with_a_warning(dtype, backends_ran):
 
     backend._warned.clear()
     x, w, b = make_inputs((8,), 16, 4, dtype)
+    fusedlinear.fused_linear(x.float(), w.float(), b.float(), "gelu")  # the same call in float32 first ...
+    assert backends_ran == [("numba", "forward")]
+    backends_ran.clear()  # ... must not decide where the half-precision one goes
     # Against float64 PyTorch on the same (already rounded) values: the output is rounded to 8 (bf16)
     # or 11 (f16) significant bits once (2e-3 / 5e-4 relative), each gradient after dZ's rounding and
     # a 16- or 8-term product with float32 accumulation, a few roundings more: 3e-2 abs/rel covers
