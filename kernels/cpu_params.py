@@ -1,7 +1,8 @@
 """The parameter block of the Numba CPU kernels (fusedlinear.kernels.cpu): the index of each
 int64 slot. Plain Python, so the backend fills blocks without importing (or compiling) the kernels."""
 
-# The parameter block: int64 slots (P_SLOPE holds a float64's bits).
+# The parameter block: int64 slots (P_SLOPE holds a float64's bits). P_ACT (the activation's
+# index in the table) is informational: each kernel has its activation compiled in.
 # P_STAGE splits a kernel for large problems (see fusedlinear.backend.numba_cpu): forward
 # 0 = BLAS + epilogue per tile, 1 = BLAS only, 2 = epilogue only; backward_columns 0 = dZ, db and
 # dW per block, 1 = dZ and db only, 2 = dW only. P_WHOLE = 1: the call is one whole-matrix tile

@@ -99,3 +99,17 @@ def test_only_the_kernels_a_call_needs_are_compiled_and_the_message_says_so_once
     assert warm["diff"] == cold["diff"]  # the very same kernels
     assert "fusedlinear: compiling" not in warm_err
     assert len(_index_files(tmp_path)) == 3
+
+
+def test_train_loads_the_models_kernels_before_its_first_step():
+    """`fusedlinear train` compiles (and announces) the model's kernels before its progress bar:
+    the fused ReLU layers' and the plain final nn.Linear's, which runs as identity in the chain."""
+    from fusedlinear import train
+    from fusedlinear.kernels import cpu
+
+    cfg = train.TrainConfig(device="cpu")
+    if train.backend_for(cfg) != "numba":
+        pytest.skip("the numba backend is not the one selected here")
+    train.prepare_kernels(train.make_model(True, 0, "cpu"), cfg)
+    assert {(phase, act, "float32") for phase in ("forward", "backward_columns") for act in ("relu", "identity")} | {
+        ("backward_rows", None, "float32")} <= set(cpu.loaded())
