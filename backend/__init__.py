@@ -215,7 +215,7 @@ def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
     ``backward``); a chain of layers asks once for all of them."""
     if x.numel() == 0 or w.numel() == 0:
         return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
-    if not (_has_storage(x) and _has_storage(w)) or x.is_nested:
+    if not (_has_storage(x) and _has_storage(w)):  # (nested tensors stop earlier: they have no .shape)
         return _without_storage(x, w)
     key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
     module = _chosen.get(key)

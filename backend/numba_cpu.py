@@ -330,7 +330,7 @@ def forward(x, w, b, activation, slope):
 
 def backward(grad, saved, x, w, activation, slope, mask):
     """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
-    if not (_has_storage(grad) and _has_storage(saved)):  # e.g. batched gradients (vmap)
+    if not _has_storage(grad):  # batched gradients (vmap of backward, e.g. jacobian(vectorize=True))
         return _reference().backward(grad, saved, x, w, activation, slope, mask)
     mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))
     plan = _cached_plan(x, w, None, activation, slope, mask)  # held until the kernels have returned
