@@ -93,22 +93,18 @@ def _kept(activation: str, a, z):
     return a if _acts.ACTIVATIONS[activation].saves == "a" else z
 
 
-def _plain_mode() -> bool:
-    """No autocast and no functorch transform (vmap, grad, jacrev, ...) is active: the kernels may run."""
-    return not (torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active())
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """A functorch-wrapped tensor (vmap's batched gradients, ``is_grads_batched``): it has no
-    storage a kernel could read."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+_any_autocast = torch._C._is_any_autocast_enabled
+_transforms_active = torch._C._are_functorch_transforms_active  # vmap, grad, jacrev, ...
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # is_grads_batched, jacobian(vectorize=True)
 
 
 def _needs_plain_ops(grad: torch.Tensor) -> bool:
     """Whether a backward must run as torch ops: with ``create_graph=True`` (grad mode is on in
-    backward; the kernels' result would have no graph) or on batched gradients (which Dynamo
-    never traces, and could not: the functorch tests are C functions it does not know)."""
-    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _batched(grad))
+    backward; the kernels' result would have no graph) or on batched gradients: functorch-wrapped
+    tensors, which have no storage a kernel could read (and which Dynamo never traces; it does not
+    know these C functions)."""
+    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (_legacy_batched(grad) or _wrapped(grad)))
 
 
 _base_apply = torch.autograd.Function.apply.__func__
@@ -186,7 +182,7 @@ def _valid(input, weight, bias, activation, negative_slope, features=None) -> bo
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype == dtype
                                   and bias.dim() == 1 and bias.layout is _STRIDED and bias.shape[0] == weight.shape[0]))
             and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float
-            and _plain_mode())
+            and not (_any_autocast() or _transforms_active()))
 
 
 def _not_strided(t) -> bool:
@@ -214,10 +210,10 @@ def _prepare(input, weight, bias, activation, negative_slope, features=None, whe
     the call must run as plain torch ops (a functorch transform, a non-strided layout; only the
     functional API takes those, ``rows`` entry points reject the layouts).
     Returns (input, weight, bias, plain)."""
-    if torch._C._is_any_autocast_enabled():
+    if _any_autocast():
         input, weight, bias = _autocast(input, weight, bias)
     _check(input, weight, bias, activation, negative_slope, features, where, rows=rows, strict=rows)
-    plain = torch._C._are_functorch_transforms_active() or any(map(_not_strided, (input, weight, bias)))
+    plain = _transforms_active() or any(map(_not_strided, (input, weight, bias)))
     return input, weight, bias, plain
 
 
