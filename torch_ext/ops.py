@@ -20,8 +20,9 @@ runs as plain PyTorch ops (:mod:`fusedlinear.backend.reference`), giving what
 ``nn.Linear`` + activation gives:
 
 * autocast: input, weight and bias are cast to the autocast dtype first, as ``F.linear`` is;
-* functorch transforms (``torch.func.vmap/grad/jacrev``) and non-strided layouts (sparse,
-  mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole call is plain ops;
+* functorch transforms (``torch.func.vmap/grad/jacrev``), forward-mode AD (``dual_level``) and
+  non-strided layouts (sparse, mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole
+  call is plain ops;
 * a backward with ``create_graph=True`` or on batched gradients (``is_grads_batched``,
   ``jacobian(vectorize=True)``): the backward formulas as differentiable torch ops.
 """
@@ -95,6 +96,7 @@ def _kept(activation: str, a, z):
 
 _any_autocast = torch._C._is_any_autocast_enabled
 _transforms_active = torch._C._are_functorch_transforms_active  # vmap, grad, jacrev, ...
+_forward_ad = torch.autograd.forward_ad  # _current_level >= 0: inside a dual_level (forward-mode AD)
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # is_grads_batched, jacobian(vectorize=True)
 
@@ -182,7 +184,7 @@ def _valid(input, weight, bias, activation, negative_slope, features=None) -> bo
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype == dtype
                                   and bias.dim() == 1 and bias.layout is _STRIDED and bias.shape[0] == weight.shape[0]))
             and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float
-            and not (_any_autocast() or _transforms_active()))
+            and not (_any_autocast() or _transforms_active()) and _forward_ad._current_level < 0)
 
 
 def _not_strided(t) -> bool:
@@ -207,13 +209,13 @@ def _autocast(input, weight, bias):
 
 def _prepare(input, weight, bias, activation, negative_slope, features=None, where="", rows=False):
     """The slow path of an entry point: validate (:func:`_check`), apply autocast, and say whether
-    the call must run as plain torch ops (a functorch transform, a non-strided layout; only the
+    the call must run as plain torch ops (a functorch transform, forward-mode AD, a non-strided layout; only the
     functional API takes those, ``rows`` entry points reject the layouts).
     Returns (input, weight, bias, plain)."""
     if _any_autocast():
         input, weight, bias = _autocast(input, weight, bias)
     _check(input, weight, bias, activation, negative_slope, features, where, rows=rows, strict=rows)
-    plain = _transforms_active() or any(map(_not_strided, (input, weight, bias)))
+    plain = _transforms_active() or _forward_ad._current_level >= 0 or any(map(_not_strided, (input, weight, bias)))
     return input, weight, bias, plain
 
 
