@@ -214,16 +214,16 @@ def _prepare(input, weight, bias, activation, negative_slope, features=None, whe
     Returns (input, weight, bias, plain)."""
     if _any_autocast():
         input, weight, bias = _autocast(input, weight, bias)
-    _check(input, weight, bias, activation, negative_slope, features, where, rows=rows, strict=rows)
+    _check(input, weight, bias, activation, negative_slope, features, where, rows)
     plain = _transforms_active() or _forward_ad._current_level >= 0 or any(map(_not_strided, (input, weight, bias)))
     return input, weight, bias, plain
 
 
-def _check(input, weight, bias, activation, negative_slope, features=None, where="", rows=False, strict=False) -> None:
+def _check(input, weight, bias, activation, negative_slope, features=None, where="", rows=False) -> None:
     """Validation at the public entry point; the messages name the bad value and the fix.
     ``features``: the input's last dimension where it is not ``input``'s (a later layer of a chain),
-    ``where``: which layer of a chain, for the messages; ``rows``: the input must be 2-D (the
-    Functions and ops); ``strict``: non-strided layouts are an error (else plain torch ops run them)."""
+    ``where``: which layer of a chain, for the messages; ``rows``: the tensors must be 2-D and
+    strided (the Functions and ops; elsewhere plain torch ops run other layouts)."""
     for label, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_linear: {where}{label} must be a torch.Tensor, got {_name(t)}")
@@ -256,7 +256,7 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
             )
     for label, t in (("input", input), ("weight", weight), ("bias", bias)):
         if _not_strided(t):
-            if strict:
+            if rows:
                 raise ValueError(f"fused_linear: {where}{_layout_fix(label, t)} (or call fused_linear, "
                                  f"which runs other layouts as plain torch ops)")
             return  # plain torch ops run it and check its shapes, as for nn.Linear
@@ -290,7 +290,7 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
 def _check_op(input, weight, bias, activation, negative_slope) -> None:
     """``fusedlinear::linear_act``'s validation (eager and fake): 2-D strided input."""
     if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):
-        _check(input, weight, bias, activation, negative_slope, rows=True, strict=True)
+        _check(input, weight, bias, activation, negative_slope, rows=True)
 
 
 def _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask) -> None:
