@@ -1,12 +1,13 @@
 """Fused layers behave like nn.Linear + activation where autograd users take them: double backward
 (create_graph=True), batched gradients (vmap, jacobian(vectorize=True), is_grads_batched,
-torch.func), autocast, and non-strided layouts (sparse, mkldnn, nested).
+torch.func), forward-mode AD, autocast, and non-strided layouts (sparse, mkldnn, nested).
 
 Every comparison is with the same computation in plain PyTorch ops (conftest.reference), in float64
 unless the feature is about another dtype (autocast)."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -168,6 +169,22 @@ def test_torch_func_vmap_grad_jacrev(activation):
         ]
         for got_fn, want_fn in pairs:
             torch.testing.assert_close(got_fn(x, w, b), want_fn(x, w, b), **EXACT)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_mode_ad(activation):
+    """Dual tensors (torch.autograd.forward_ad) and jacobian(strategy="forward-mode")."""
+    x, w, b = make_inputs((3,), 4, 5, torch.float64, seed=41)
+    tangents = [torch.randn_like(t) for t in (x, w, b)]
+    for fused, plain in _function_pairs(activation):
+        results = []
+        for fn in (fused, plain):
+            with fwAD.dual_level():
+                out = fn(*(fwAD.make_dual(t, d) for t, d in zip((x, w, b), tangents)))
+                results.append(fwAD.unpack_dual(out))
+            results.append(torch.autograd.functional.jacobian(fn, (x, w, b), strategy="forward-mode", vectorize=True))
+        torch.testing.assert_close(results[0], results[2], **EXACT)
+        torch.testing.assert_close(results[1], results[3], **EXACT)
 
 
 def test_per_sample_gradients_of_a_module():

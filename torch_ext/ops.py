@@ -20,8 +20,9 @@ runs as plain PyTorch ops (:mod:`fusedlinear.backend.reference`), giving what
 ``nn.Linear`` + activation gives:
 
 * autocast: input, weight and bias are cast to the autocast dtype first, as ``F.linear`` is;
-* functorch transforms (``torch.func.vmap/grad/jacrev``) and non-strided layouts (sparse,
-  mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole call is plain ops;
+* functorch transforms (``torch.func.vmap/grad/jacrev``), forward-mode AD (``dual_level``) and
+  non-strided layouts (sparse, mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole
+  call is plain ops;
 * a backward with ``create_graph=True`` or on batched gradients (``is_grads_batched``,
   ``jacobian(vectorize=True)``): the backward formulas as differentiable torch ops.
 """
@@ -93,22 +94,19 @@ def _kept(activation: str, a, z):
     return a if _acts.ACTIVATIONS[activation].saves == "a" else z
 
 
-def _plain_mode() -> bool:
-    """No autocast and no functorch transform (vmap, grad, jacrev, ...) is active: the kernels may run."""
-    return not (torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active())
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """A functorch-wrapped tensor (vmap's batched gradients, ``is_grads_batched``): it has no
-    storage a kernel could read."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+_any_autocast = torch._C._is_any_autocast_enabled
+_transforms_active = torch._C._are_functorch_transforms_active  # vmap, grad, jacrev, ...
+_forward_ad = torch.autograd.forward_ad  # _current_level >= 0: inside a dual_level (forward-mode AD)
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # is_grads_batched, jacobian(vectorize=True)
 
 
 def _needs_plain_ops(grad: torch.Tensor) -> bool:
     """Whether a backward must run as torch ops: with ``create_graph=True`` (grad mode is on in
-    backward; the kernels' result would have no graph) or on batched gradients (which Dynamo
-    never traces, and could not: the functorch tests are C functions it does not know)."""
-    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _batched(grad))
+    backward; the kernels' result would have no graph) or on batched gradients: functorch-wrapped
+    tensors, which have no storage a kernel could read (and which Dynamo never traces; it does not
+    know these C functions)."""
+    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (_legacy_batched(grad) or _wrapped(grad)))
 
 
 _base_apply = torch.autograd.Function.apply.__func__
@@ -186,7 +184,7 @@ def _valid(input, weight, bias, activation, negative_slope, features=None) -> bo
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype == dtype
                                   and bias.dim() == 1 and bias.layout is _STRIDED and bias.shape[0] == weight.shape[0]))
             and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float
-            and _plain_mode())
+            and not (_any_autocast() or _transforms_active()) and _forward_ad._current_level < 0)
 
 
 def _not_strided(t) -> bool:
@@ -211,21 +209,21 @@ def _autocast(input, weight, bias):
 
 def _prepare(input, weight, bias, activation, negative_slope, features=None, where="", rows=False):
     """The slow path of an entry point: validate (:func:`_check`), apply autocast, and say whether
-    the call must run as plain torch ops (a functorch transform, a non-strided layout; only the
+    the call must run as plain torch ops (a functorch transform, forward-mode AD, a non-strided layout; only the
     functional API takes those, ``rows`` entry points reject the layouts).
     Returns (input, weight, bias, plain)."""
-    if torch._C._is_any_autocast_enabled():
+    if _any_autocast():
         input, weight, bias = _autocast(input, weight, bias)
-    _check(input, weight, bias, activation, negative_slope, features, where, rows=rows, strict=rows)
-    plain = torch._C._are_functorch_transforms_active() or any(map(_not_strided, (input, weight, bias)))
+    _check(input, weight, bias, activation, negative_slope, features, where, rows)
+    plain = _transforms_active() or _forward_ad._current_level >= 0 or any(map(_not_strided, (input, weight, bias)))
     return input, weight, bias, plain
 
 
-def _check(input, weight, bias, activation, negative_slope, features=None, where="", rows=False, strict=False) -> None:
+def _check(input, weight, bias, activation, negative_slope, features=None, where="", rows=False) -> None:
     """Validation at the public entry point; the messages name the bad value and the fix.
     ``features``: the input's last dimension where it is not ``input``'s (a later layer of a chain),
-    ``where``: which layer of a chain, for the messages; ``rows``: the input must be 2-D (the
-    Functions and ops); ``strict``: non-strided layouts are an error (else plain torch ops run them)."""
+    ``where``: which layer of a chain, for the messages; ``rows``: the tensors must be 2-D and
+    strided (the Functions and ops; elsewhere plain torch ops run other layouts)."""
     for label, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_linear: {where}{label} must be a torch.Tensor, got {_name(t)}")
@@ -258,7 +256,7 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
             )
     for label, t in (("input", input), ("weight", weight), ("bias", bias)):
         if _not_strided(t):
-            if strict:
+            if rows:
                 raise ValueError(f"fused_linear: {where}{_layout_fix(label, t)} (or call fused_linear, "
                                  f"which runs other layouts as plain torch ops)")
             return  # plain torch ops run it and check its shapes, as for nn.Linear
@@ -292,7 +290,7 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
 def _check_op(input, weight, bias, activation, negative_slope) -> None:
     """``fusedlinear::linear_act``'s validation (eager and fake): 2-D strided input."""
     if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):
-        _check(input, weight, bias, activation, negative_slope, rows=True, strict=True)
+        _check(input, weight, bias, activation, negative_slope, rows=True)
 
 
 def _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask) -> None:
