@@ -104,10 +104,11 @@ def run_plan(exe: str, work: str, plan, buffers: dict[str, torch.Tensor], env=No
                           env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1", **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"emulator exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    for name, span in spans.items():
-        if span.numel():
-            raw = np.fromfile(os.path.join(work, f"out-{name}.bin"), dtype=np.uint8)
-            span.copy_(torch.from_numpy(raw).view(span.dtype)[: span.numel()])
+    with torch.no_grad():  # raw memory, as a kernel writes it (inputs come back unchanged)
+        for name, span in spans.items():
+            if span.numel():
+                raw = np.fromfile(os.path.join(work, f"out-{name}.bin"), dtype=np.uint8)
+                span.copy_(torch.from_numpy(raw).view(span.dtype)[: span.numel()])
     return proc.stderr
 
 

@@ -67,7 +67,7 @@ def run_case(exe, work, m, k, n, activation, dtype, engine="vendor", bias=True, 
                 "own": (cupy_cuda.own_forward, cupy_cuda.own_backward)}[engine]
     xk, wk = LAYOUTS[x_layout](x), LAYOUTS[w_layout](w)
     a, z = fwd(xk, wk, b, activation, slope, launch)
-    refs = [t.double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    refs = [t.detach().double().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
     ref = reference(*refs, activation, slope)
     tol = TOLS[dtype]
     torch.testing.assert_close(a.double(), ref.detach(), **tol, msg=lambda s: f"output: {s}")
