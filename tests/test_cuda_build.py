@@ -108,3 +108,23 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
     assert not spilling, f"register spills or local memory: {spilling}"
     for r in report.values():
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
+
+
+@pytest.mark.parametrize("value,engine", [("", "vendor"), ("own", "own"), ("vendor", "vendor"), ("cublas", None)])
+def test_engine_variable(value, engine):
+    """FUSEDLINEAR_CUDA_GEMM picks the engine at import; a bad value makes the cupy backend
+    unavailable with a message naming the value and the choices (and `fusedlinear info` says so)."""
+    import os
+    import sys
+
+    code = ("from fusedlinear.backend import cupy_cuda as c; print(c.ENGINE); "
+            "print(c._ENGINE_ERROR or ''); print(c._forward.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FUSEDLINEAR_CUDA_GEMM": value})
+    assert proc.returncode == 0, proc.stderr
+    got, error, forward = proc.stdout.splitlines()
+    assert got == str(engine)
+    if engine:
+        assert not error and forward == f"{engine}_forward"
+    else:
+        assert "FUSEDLINEAR_CUDA_GEMM='cublas'" in error and "vendor, own" in error and forward == "_refuse"
