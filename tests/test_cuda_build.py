@@ -128,3 +128,28 @@ def test_engine_variable(value, engine):
         assert not error and forward == f"{engine}_forward"
     else:
         assert "FUSEDLINEAR_CUDA_GEMM='cublas'" in error and "vendor, own" in error and forward == "_refuse"
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import compiler, nvrtc
+
+        nvrtc.getVersion()
+        return compiler, nvrtc
+    except Exception:  # CuPy or libnvrtc missing (ImportError, OSError, or CuPy's own errors by version)
+        return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="CuPy with NVRTC not installed (no GPU needed for this test)")
+@pytest.mark.parametrize("module", list(cuda.SOURCES))
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_nvrtc_compiles_what_cupy_compiles(module, arch):
+    """NVRTC (not nvcc) on the exact text and options CuPy's compile_with_cache uses, CuPy's own
+    additions included: every kernel name the executor fetches is an entry of the PTX, no warning."""
+    compiler, nvrtc = _nvrtc()
+    options = cuda.compile_options() + ("-ftz=true", f"-arch=compute_{arch}", "--device-as-default-execution-space")
+    program = compiler._NVRTCProgram(cuda.module_source(module), "kern.cu")
+    nvrtc.compileProgram(program.ptr, options)
+    entries = set(re.findall(r"\.visible \.entry (\w+)\(", nvrtc.getPTX(program.ptr).decode()))
+    assert entries == set(cuda.kernel_names(module))
+    assert not nvrtc.getProgramLog(program.ptr).strip()
