@@ -31,6 +31,7 @@ import functools
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 
 from . import activations as _acts
@@ -273,7 +274,12 @@ def _stream(device_id: int, stream_ptr: int):
     if stream is None:
         import cupy
 
-        stream = _streams[(device_id, stream_ptr)] = cupy.cuda.ExternalStream(stream_ptr, device_id)
+        if len(_streams) >= 64:  # streams come and go (each graph capture has its own): keep the map small
+            _streams.clear()
+
+        with warnings.catch_warnings():  # deprecated from CuPy 14 (for Stream.from_external), kept: 13.x has only this
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[(device_id, stream_ptr)] = cupy.cuda.ExternalStream(stream_ptr, device_id)
     return stream
 
 
