@@ -32,7 +32,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if ! $PY -c "import cupy" 2>/dev/null; then
   major=$($PY -c "import torch; print((torch.version.cuda or '12').split('.')[0])")
   echo "CuPy missing: pip install cupy-cuda${major}x" | tee -a "$OUT/install.log"
-  timeout 120 $PY -m pip install -q "cupy-cuda${major}x" >> "$OUT/install.log" 2>&1 || echo "(no CuPy wheel installed)"
+  timeout 60 $PY -m pip install -q --retries 0 --timeout 10 "cupy-cuda${major}x" >> "$OUT/install.log" 2>&1 || echo "(no CuPy wheel installed)"
 fi
 $PY -c "import fusedlinear, torch, cupy; print('fusedlinear', fusedlinear.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)" \
   | tee "$OUT/versions.txt" || fail "import"
