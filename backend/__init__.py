@@ -4,7 +4,8 @@ The table is small on purpose::
 
     backend   runs on        dtypes              module
     "numba"   CPU tensors    float32, float64    fusedlinear.backend.numba_cpu
-    "cupy"    CUDA tensors   float32, float64    fusedlinear.backend.cupy_cuda
+    "cupy"    CUDA tensors   float16, bfloat16,  fusedlinear.backend.cupy_cuda
+                             float32, float64
     "torch"   any device     any float dtype     fusedlinear.backend.reference  (plain PyTorch ops)
 
 By default a CPU tensor goes to ``"numba"``, a CUDA tensor to ``"cupy"``, anything else to
@@ -42,7 +43,7 @@ import torch
 BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[torch.dtype, ...]]] = {
     # name: (module, device types it runs on, dtypes it runs)
     "numba": ("numba_cpu", ("cpu",), (torch.float32, torch.float64)),
-    "cupy": ("cupy_cuda", ("cuda",), (torch.float32, torch.float64)),
+    "cupy": ("cupy_cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32, torch.float64)),
     "torch": ("reference", (), ()),  # () = every device, every floating dtype
 }
 DEFAULT_FOR_DEVICE = {"cpu": "numba", "cuda": "cupy"}

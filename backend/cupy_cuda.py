@@ -1,18 +1,35 @@
-"""Backend "cupy": CUDA tensors, float32/float64, through the raw-CUDA kernels of fusedlinear.kernels.cuda.
+"""Backend "cupy": CUDA tensors of every float dtype, through fusedlinear.kernels.cuda.
 
-* Launches go to PyTorch's *current* CUDA stream of the tensor's device, so they order with the
-  surrounding torch ops, work on non-default streams and are captured by CUDA graphs.
-* Every output and workspace (dZ, db's partial sums) is allocated by PyTorch on the tensor's
-  device (its caching allocator, its graph pools) and handed to the kernels by pointer; CuPy's
-  memory pool is never used.
-* Operands must be row-major with a leading dimension (rows may be padded); other layouts
-  (transposed, expanded) are copied with ``.contiguous()`` first.
-* The compiled module is cached per device in memory and by CuPy on disk (CUPY_CACHE_DIR).
-* No atomics anywhere: results are deterministic, including under
-  ``torch.use_deterministic_algorithms(True)``.
+Two engines, chosen once per process by ``FUSEDLINEAR_CUDA_GEMM`` (``fusedlinear info`` shows it):
+
+* ``vendor`` (default): the GEMMs are PyTorch's (``torch.addmm``/``torch.mm``: cuBLAS/cuBLASLt,
+  with the bias added in cuBLASLt's epilogue as ``nn.Linear`` does, the TF32 setting
+  ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``, graph-safe
+  workspaces); the element-wise work is ours, one pass each: forward A = g(Z) (in place over Z
+  when backward keeps A), backward dZ = dA ⊙ g'(A or Z) together with db's column sums. Kernel
+  launches per layer: forward 1 (identity) or 2; backward at most 4 (dZ+db pass, the sum over
+  its partial sums when there are several row chunks, dX, dW) — as eager PyTorch.
+  ``torch._addmm_activation`` (cuBLASLt's RELU/GELU epilogues) is not used: its GELU is the tanh
+  approximation, returns no Z (which gelu_tanh's backward needs), and cuBLASLt's ReLU epilogue
+  (max(z, 0)) is not documented to propagate NaN as ``torch.relu`` does.
+* ``own``: our tiled SIMT GEMM with the forward epilogue fused in (float32/float64; the 16-bit
+  dtypes take the vendor path), the same dZ+db pass, and our GEMMs for dX and dW.
+
+Both: launches go to PyTorch's *current* CUDA stream of the tensor's device (they order with the
+surrounding torch ops and are captured by CUDA graphs); every output and workspace is allocated
+by PyTorch (its caching allocator and graph pools); nothing synchronises with the host; no
+atomics, so results are deterministic. float16/bfloat16: element-wise math and db in float32.
+Operands may have padded rows (read in place); other layouts are copied (``.contiguous()``) for
+the own GEMM only, PyTorch's GEMMs take any strides.
+
+``forward``/``backward`` run on the GPU; ``vendor_forward`` etc. take the launcher as an argument,
+which is how tests/test_cuda_emulation.py runs this very code on CPU tensors through the C++
+emulation of the kernels.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,51 +37,152 @@ from ..kernels import activations as _acts
 from ..kernels import cuda as _cuda
 from .layout import matrix_operand
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+ENGINE_VAR = "FUSEDLINEAR_CUDA_GEMM"
+ENGINES = ("vendor", "own")
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+_COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+            torch.float64: torch.float64}
 
 
-def _run(plan, dtype, device, pointers):
+def _read_engine() -> tuple[str | None, str | None]:
+    value = os.environ.get(ENGINE_VAR, "vendor") or "vendor"
+    if value not in ENGINES:
+        return None, (f"{ENGINE_VAR}={value!r} is not a CUDA GEMM engine; use one of {', '.join(ENGINES)} "
+                      f"(or unset it for 'vendor')")
+    return value, None
+
+
+ENGINE, _ENGINE_ERROR = _read_engine()  # read once, at import
+
+
+def engine() -> str:
+    """The CUDA GEMM engine this process uses: ``"vendor"`` or ``"own"``."""
+    if ENGINE is None:
+        raise ValueError(_ENGINE_ERROR)
+    return ENGINE
+
+
+# The current stream's cudaStream_t as an int without building a torch.cuda.Stream object per call
+# (what Inductor's generated code calls; not timed here: no GPU); absent from CPU-only builds.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def gpu_launch(plan, buffers: dict, device: torch.device) -> None:
+    """Run ``plan`` on ``buffers`` (name -> tensor on ``device``) on PyTorch's current stream there."""
+    if not plan:
+        return
     reason = _cuda.unavailable_reason()
     if reason:
         raise RuntimeError(f"fusedlinear backend 'cupy': {reason}; or use use_backend('torch')")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    _cuda.run_plan(plan, _DTYPES[dtype], pointers, index, torch.cuda.current_stream(device).cuda_stream)
+    pointers = {name: t.data_ptr() for name, t in buffers.items()}
+    index = device.index
+    stream = _raw_stream(index) if _raw_stream else torch.cuda.current_stream(device).cuda_stream
+    if index == torch.cuda.current_device():
+        _cuda.run_plan(plan, pointers, index, stream)
+    else:
+        with torch.cuda.device(index):
+            _cuda.run_plan(plan, pointers, index, stream)
 
 
-def forward(x, w, b, activation, slope):
-    (m, k), n = x.shape, w.shape[0]
-    act = _acts.ACTIVATIONS[activation]
-    xk, ldx, _ = matrix_operand(x.detach(), transposed_ok=False)
-    wk, ldw, _ = matrix_operand(w.detach(), transposed_ok=False)
-    a = x.new_empty((m, n))
-    z = x.new_empty((m, n)) if act.saves == "z" else x.new_empty(0)
-    bias = b.detach().contiguous() if b is not None else None
-    pointers = {"a": a.data_ptr(), "z": z.data_ptr(), "x": xk.data_ptr(), "w": wk.data_ptr()}
-    if bias is not None:
-        pointers["b"] = bias.data_ptr()
-    _run(_cuda.forward_plan(_DTYPES[x.dtype], m, n, k, ldx, ldw, bias is not None, activation, slope),
-         x.dtype, x.device, pointers)
-    return a, z
+def vendor_forward(x, w, b, activation, slope, launch):
+    """Z = X Wᵀ + b by PyTorch (cuBLASLt adds the bias, as in nn.Linear), then A = g(Z) by one
+    kernel: in place over Z unless backward keeps Z."""
+    z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+    if not z.is_contiguous():
+        z = z.contiguous()
+    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    a = torch.empty_like(z) if keep_z else z
+    launch(_cuda.act_forward_plan(_DTYPES[x.dtype], z.numel(), activation, float(slope)), {"a": a, "z": z}, x.device)
+    return a, (z if keep_z else x.new_empty(0))
 
 
-def backward(grad, saved, x, w, activation, slope, mask):
-    (m, k), n = x.shape, w.shape[0]
-    xk, ldx, _ = matrix_operand(x.detach(), transposed_ok=False)
-    wk, ldw, _ = matrix_operand(w.detach(), transposed_ok=False)
-    grad = grad.detach().contiguous()
-    saved = saved.detach().contiguous()
-    dz = x.new_empty((m, n))
-    partial = x.new_empty((_cuda.column_chunks(m), n)) if mask[2] else x.new_empty(0)
-    dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
-    dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
-    db = x.new_empty(n) if mask[2] else x.new_empty(0)
-    pointers = {"dz": dz.data_ptr(), "da": grad.data_ptr(), "saved": saved.data_ptr(), "x": xk.data_ptr(),
-                "w": wk.data_ptr(), "partial": partial.data_ptr(), "dx": dx.data_ptr(), "dw": dw.data_ptr(),
-                "db": db.data_ptr()}
-    _run(_cuda.backward_plan(_DTYPES[x.dtype], m, n, k, ldx, ldw, activation, slope, mask),
-         x.dtype, x.device, pointers)
+def _grad_pass(grad, saved, x, activation, slope, mask, launch):
+    """dZ (when dX or dW needs it) and db, in one pass over dA and the saved tensor: (dZ, its row
+    stride, db). For the identity, dZ is dA itself (read in place, padded rows included)."""
+    m, n = grad.shape
+    identity = activation == "identity"
+    g, ld_da, _ = matrix_operand(grad, transposed_ok=False)
+    want_dz = (mask[0] or mask[1]) and not identity
+    want_db = bool(mask[2])
+    dz, ld_dz = (g, ld_da) if identity else ((x.new_empty((m, n)), n) if want_dz else (None, 0))
+    db = x.new_empty(n) if want_db else x.new_empty(0)
+    buffers = {"da": g, "db": db}
+    if want_dz:
+        buffers["dz"] = dz
+    if _acts.ACTIVATIONS[activation].saves != "none":
+        buffers["saved"] = saved if saved.is_contiguous() else saved.contiguous()
+    chunks = _cuda.grad_chunks(m, n) if want_db else 0
+    if chunks:
+        buffers["partial"] = torch.empty((chunks, n), dtype=_COMPUTE[x.dtype], device=x.device)
+    launch(_cuda.grad_plan(_DTYPES[x.dtype], m, n, ld_da, activation, float(slope), want_dz, want_db),
+           buffers, x.device)
+    return dz, ld_dz, db
+
+
+def vendor_backward(grad, saved, x, w, activation, slope, mask, launch):
+    """The dZ + db pass, then dX = dZ W and dW = dZᵀ X by PyTorch."""
+    dz, _, db = _grad_pass(grad, saved, x, activation, slope, mask, launch)
+    dx = torch.mm(dz, w) if mask[0] else x.new_empty(0)
+    dw = torch.mm(dz.t(), x) if mask[1] else x.new_empty(0)
     return dx, dw, db
 
 
+def own_forward(x, w, b, activation, slope, launch):
+    """The own GEMM with the epilogue fused in (float32/float64; other dtypes: vendor_forward)."""
+    dtype = _DTYPES[x.dtype]
+    if dtype not in _cuda.GEMM_DTYPES:
+        return vendor_forward(x, w, b, activation, slope, launch)
+    (m, k), n = x.shape, w.shape[0]
+    xk, ldx, _ = matrix_operand(x, transposed_ok=False)
+    wk, ldw, _ = matrix_operand(w, transposed_ok=False)
+    a = x.new_empty((m, n))
+    z = x.new_empty((m, n)) if _acts.ACTIVATIONS[activation].saves == "z" else x.new_empty(0)
+    buffers = {"a": a, "z": z, "x": xk, "w": wk}
+    if b is not None:
+        buffers["b"] = b if b.is_contiguous() else b.contiguous()
+    launch(_cuda.gemm_forward_plan(dtype, m, n, k, ldx, ldw, b is not None, activation, float(slope)),
+           buffers, x.device)
+    return a, z
+
+
+def own_backward(grad, saved, x, w, activation, slope, mask, launch):
+    """The dZ + db pass, then dX and dW by the own GEMM (float32/float64; other dtypes: vendor)."""
+    dtype = _DTYPES[x.dtype]
+    if dtype not in _cuda.GEMM_DTYPES:
+        return vendor_backward(grad, saved, x, w, activation, slope, mask, launch)
+    (m, k), n = x.shape, w.shape[0]
+    dz, ld_dz, db = _grad_pass(grad, saved, x, activation, slope, mask, launch)
+    dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
+    dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
+    if mask[0] or mask[1]:
+        xk, ldx, _ = matrix_operand(x, transposed_ok=False)
+        wk, ldw, _ = matrix_operand(w, transposed_ok=False)
+        launch(_cuda.gemm_backward_plan(dtype, m, n, k, ldx, ldw, ld_dz, bool(mask[0]), bool(mask[1])),
+               {"dz": dz, "x": xk, "w": wk, "dx": dx, "dw": dw}, x.device)
+    return dx, dw, db
+
+
+def _refuse(*args):
+    raise ValueError(_ENGINE_ERROR)
+
+
+_ENGINE_FUNCTIONS = {"vendor": (vendor_forward, vendor_backward), "own": (own_forward, own_backward)}
+_forward, _backward = _ENGINE_FUNCTIONS.get(ENGINE, (_refuse, _refuse))
+
+
+def forward(x, w, b, activation, slope):
+    if torch.is_autocast_enabled("cuda"):  # our GEMMs must run in x's dtype, whatever autocast says
+        with torch.autocast("cuda", enabled=False):
+            return _forward(x, w, b, activation, slope, gpu_launch)
+    return _forward(x, w, b, activation, slope, gpu_launch)
+
+
+def backward(grad, saved, x, w, activation, slope, mask):
+    if torch.is_autocast_enabled("cuda"):
+        with torch.autocast("cuda", enabled=False):
+            return _backward(grad, saved, x, w, activation, slope, mask, gpu_launch)
+    return _backward(grad, saved, x, w, activation, slope, mask, gpu_launch)
+
+
 def unavailable_reason() -> str | None:
-    return _cuda.unavailable_reason()
+    return _ENGINE_ERROR or _cuda.unavailable_reason()

@@ -1,7 +1,8 @@
-"""A short fused forward + backward on the GPU, for compute-sanitizer (memcheck, racecheck).
+"""A short fused forward + backward on the GPU, for compute-sanitizer (memcheck, racecheck, synccheck).
 
-Odd shapes that leave partial tiles in every grid dimension; every activation; both dtypes.
-Exits non-zero if a result disagrees with PyTorch.
+Both CUDA engines, every float dtype and activation, odd shapes (partial tiles and several row
+chunks), row-padded input and gradient (read in place by the kernels), every gradient. Compared
+with float64 PyTorch on the CPU; exits non-zero on a mismatch or if our kernels did not run.
 """
 
 import sys
@@ -9,29 +10,55 @@ import sys
 import torch
 
 import fusedlinear
+from fusedlinear.backend import cupy_cuda
+from fusedlinear.backend.reference import FORWARD
+from fusedlinear.kernels import cuda
+
+TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-9}  # as tests/test_gpu.py
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+launched = []
+real_run_plan = cuda.run_plan
+cuda.run_plan = lambda plan, *a: (launched.append(len(plan)), real_run_plan(plan, *a))[1]
+
+
+def padded(t):
+    big = torch.zeros(t.shape[0], t.shape[1] + 3, dtype=t.dtype, device=t.device)
+    big[:, : t.shape[1]] = t
+    return big[:, : t.shape[1]]
+
+
+def reference(x, w, b, activation):
+    return FORWARD[activation](torch.nn.functional.linear(x, w, b), 0.3)  # PyTorch's own activations
+
 
 torch.manual_seed(0)
 bad = 0
-for dtype in (torch.float32, torch.float64):
-    for activation in fusedlinear.ACTIVATIONS:
-        x = torch.randn(67, 45, device="cuda", dtype=dtype, requires_grad=True)
-        w = (torch.randn(70, 45, device="cuda", dtype=dtype) / 7).requires_grad_(True)
-        b = torch.randn(70, device="cuda", dtype=dtype, requires_grad=True)
-        with fusedlinear.use_backend("cupy"):
-            out = fusedlinear.fused_linear(x, w, b, activation)
-            out.square().sum().backward()
-        grads = [t.grad.clone() for t in (x, w, b)]
-        for t in (x, w, b):
-            t.grad = None
-        with fusedlinear.use_backend("torch"):
-            ref = fusedlinear.fused_linear(x, w, b, activation)
-            ref.square().sum().backward()
-        tol = 1e-4 if dtype == torch.float32 else 1e-10
-        ok = torch.allclose(out, ref, atol=tol, rtol=tol) and all(
-            torch.allclose(g, t.grad, atol=tol, rtol=tol) for g, t in zip(grads, (x, w, b)))
-        if not ok:
-            print(f"MISMATCH {activation} {dtype}")
-            bad += 1
+for engine in ("vendor", "own"):
+    cupy_cuda._forward, cupy_cuda._backward = cupy_cuda._ENGINE_FUNCTIONS[engine]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for activation in fusedlinear.ACTIVATIONS:
+            x64 = torch.randn(67, 45, dtype=torch.float64)
+            w64 = torch.randn(70, 45, dtype=torch.float64) / 7
+            b64 = torch.randn(70, dtype=torch.float64)
+            g64 = torch.randn(67, 70, dtype=torch.float64)
+            leaves = [t.to("cuda", dtype).requires_grad_(True) for t in (x64, w64, b64)]
+            with fusedlinear.use_backend("cupy"):
+                out = fusedlinear.fused_linear(padded(leaves[0]), *leaves[1:], activation, 0.3)
+                out.backward(padded(g64.to("cuda", dtype)))
+            refs = [t.clone().requires_grad_(True) for t in (x64, w64, b64)]
+            ref = reference(*refs, activation)
+            ref.backward(g64)
+            tol = TOL[dtype]
+            pairs = [(out, ref)] + [(t.grad, r.grad) for t, r in zip(leaves, refs)]
+            if not all(torch.allclose(got.double().cpu(), want.detach(), atol=tol, rtol=tol) for got, want in pairs):
+                print(f"MISMATCH {engine} {activation} {dtype}")
+                bad += 1
 torch.cuda.synchronize()
-print("gpu_smoke: all results match" if not bad else f"gpu_smoke: {bad} mismatches")
+if not launched:
+    print("gpu_smoke: our CUDA kernels never ran")
+    sys.exit(2)
+print(f"gpu_smoke: {sum(launched)} kernel launches, " + ("all results match" if not bad else f"{bad} mismatches"))
 sys.exit(1 if bad else 0)

@@ -1,14 +1,24 @@
-"""CUDA kernels (``fused_linear.cu``) behind launch plans: what to launch, with which grid, on which buffers.
+"""CUDA kernels (``fl_elementwise.cu``, ``fused_linear.cu``) behind launch plans: what to launch, with which grid, on which buffers.
 
-A *plan* is a list of :class:`Launch`. It names buffers symbolically (``"x"``, ``"a"``, ...) and
-takes its grid and block sizes from :mod:`fusedlinear.kernels.tiling`. Two executors run plans:
+A *plan* is a tuple of :class:`Launch`. It names buffers symbolically (``"a"``, ``"dz"``, ...) and
+takes its grid and block sizes from :mod:`fusedlinear.kernels.tiling`. Plans are cached per
+shape. Two executors run them:
 
-* :func:`run_plan` here — CuPy: compiles ``fused_linear.cu`` with NVRTC (once per device, cached
-  in memory and in CuPy's on-disk cache) and launches on a given CUDA stream, with raw device
-  pointers supplied by the caller (fusedlinear.backend.cupy_cuda, where PyTorch allocates them);
-* ``tests/cuda_emu`` — the same ``.cu`` built with g++ and run on the CPU, plan for plan.
+* :func:`run_plan` here — CuPy: compiles each module with NVRTC once per device (and CuPy's disk
+  cache across processes), fetches every kernel of it right after compiling (so nothing loads
+  later, e.g. during a CUDA-graph capture), and launches on the caller's CUDA stream with raw
+  device pointers from the caller (fusedlinear.backend.cupy_cuda, where PyTorch allocates them);
+* ``tests/emulator.py`` + ``tests/cuda_emu`` — the same ``.cu`` built with g++ and run on the CPU,
+  plan for plan, with the same grid-limit check.
 
-No torch here: pointers are integers.
+No torch here: pointers are integers. Every kernel argument is a pointer, a 64-bit integer or a
+double, so CuPy passes plain Python ints and floats as they are (int -> int64, float -> double).
+
+Module sources are handed to NVRTC with their ``#include "..."`` files inlined, so CuPy's
+disk-cache key (source text + options) covers everything compiled; the options carry the
+activation table's digest as well. CuPy appends ``-ftz=true`` to every NVRTC compile: float32
+arithmetic in these kernels flushes subnormal inputs and results to zero (float16 values are
+never subnormal as floats; float64 is unaffected).
 
 ``fl_activations.cuh`` is generated from the activation table by :func:`activation_header`;
 the test suite fails when the checked-in file differs from what the table generates
@@ -19,185 +29,282 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
+import warnings
 from dataclasses import dataclass
 
 from . import activations as _acts
 from . import tiling
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "fused_linear.cu")
 HEADER = os.path.join(HERE, "fl_activations.cuh")
+# The two modules: element-wise kernels (both engines) and the own engine's GEMMs.
+SOURCES = {"elementwise": os.path.join(HERE, "fl_elementwise.cu"), "gemm": os.path.join(HERE, "fused_linear.cu")}
+SOURCE = SOURCES["gemm"]
 
-CTYPE = {"float32": "float", "float64": "double"}
+# dtype name -> kernel-name tag; the element-wise kernels take every float dtype, the own GEMM two.
+TAGS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+GEMM_DTYPES = ("float32", "float64")
+# The compute (and db partial-sum) type of each storage dtype: float for the 16-bit types, as PyTorch.
+COMPUTE_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
 
 
 def activation_header() -> str:
-    """C++ for g and g' of every activation of the table (templates on T, host and device)."""
+    """C++ for g and g' of every activation of the table (templates on the activation id and the
+    compute type, host and device), and the list of activations for the kernel instances."""
+    acts = list(_acts.ACTIVATIONS.values())
     lines = [
         "// fl_activations.cuh: GENERATED from kernels/activations.py by `python -m fusedlinear.kernels.cuda`.",
         "// Do not edit; tests/test_cuda_build.py fails when this file and the table disagree.",
+        f"// Activation table digest: {_acts.table_digest()}",
         "#pragma once",
         "",
         "template <typename T> __host__ __device__ __forceinline__ T where(bool c, T x, T y) { return c ? x : y; }",
         "template <typename T> __host__ __device__ __forceinline__ T sigmoid(T x) { return T(1.0) / (T(1.0) + exp(-x)); }",
         "",
-        "// a = g(z)",
-        "template <typename T> __host__ __device__ __forceinline__ T fl_act_forward(int act, T z, T s)",
+        "// a = g_ACT(z); ACT is a compile-time constant, so each instance holds one formula",
+        "template <int ACT, typename T> __host__ __device__ __forceinline__ T fl_act_forward(T z, T s)",
         "{",
-        "    switch (act) {",
+        "    switch (ACT) {",
     ]
-    for i, act in enumerate(_acts.ACTIVATIONS.values()):
+    for i, act in enumerate(acts):
         lines.append(f"    case {i}: return {_acts.to_cpp(act.forward)};  // {act.name}")
     lines += [
         "    }",
         "    return z;",
         "}",
         "",
-        "// dz = da * g'(.), v being the saved tensor's element (a or z, as the table says)",
-        "template <typename T> __host__ __device__ __forceinline__ T fl_act_backward(int act, T da, T v, T s)",
+        "// dz = da * g_ACT'(.), v being the saved tensor's element (a or z, as the table says)",
+        "template <int ACT, typename T> __host__ __device__ __forceinline__ T fl_act_backward(T da, T v, T s)",
         "{",
-        "    switch (act) {",
+        "    switch (ACT) {",
     ]
-    for i, act in enumerate(_acts.ACTIVATIONS.values()):
+    for i, act in enumerate(acts):
         bind = f"const T {_acts.saved_name(act)} = v; " if _acts.saved_name(act) else ""
         lines.append(f"    case {i}: {{ {bind}return {_acts.to_cpp(act.backward)}; }}  // {act.name}")
-    lines += ["    }", "    return da;", "}", ""]
-    return "\n".join(lines)
+    lines += ["    }", "    return da;", "}", "",
+              "// X(activation id, activation name, S, TAG) for every activation of the table",
+              "#define FL_FOR_EACH_ACTIVATION(X, S, TAG) \\"]
+    cont = " \\"
+    lines += [f"    X({i}, {act.name}, S, TAG){cont if i + 1 < len(acts) else ''}" for i, act in enumerate(acts)]
+    return "\n".join(lines) + "\n"
 
 
-# ---- launch plans ----------------------------------------------------------------------------
+_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
+
+
+def module_source(module: str) -> str:
+    """The module's source with its local ``#include "..."`` files inlined (each once), so that
+    the text NVRTC compiles, and CuPy keys its disk cache on, is everything compiled."""
+    seen = set()
+
+    def expand(path):
+        with open(path) as f:
+            text = f.read()
+
+        def include(match):
+            name = os.path.join(HERE, match.group(1))
+            if name in seen:
+                return ""
+            seen.add(name)
+            return expand(name)
+
+        return _INCLUDE.sub(include, text)
+
+    return expand(SOURCES[module])
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC/nvcc options: C++17, the tile sizes, and the activation table's digest (so a changed
+    table is a different cache key even if a header were not inlined)."""
+    return ("-std=c++17", f"-DFL_TABLE_DIGEST=0x{_acts.table_digest()}") + tuple(
+        f"-D{k}={v}" for k, v in tiling.cuda_defines().items())
+
+
+# ---- kernel names -----------------------------------------------------------------------------
+
+
+def act_forward_name(activation: str, dtype: str) -> str:
+    return f"fl_act_forward_{activation}_{TAGS[dtype]}"
+
+
+def grad_name(activation: str, dtype: str) -> str:
+    return f"fl_grad_{activation}_{TAGS[dtype]}"
+
+
+def bias_finish_name(dtype: str) -> str:
+    return f"fl_bias_finish_{TAGS[dtype]}"
+
+
+def gemm_forward_name(activation: str, dtype: str) -> str:
+    return f"fl_gemm_forward_{activation}_{TAGS[dtype]}"
+
+
+def gemm_name(dtype: str, transpose_a: bool) -> str:
+    return f"fl_gemm_{'tn' if transpose_a else 'nn'}_{TAGS[dtype]}"
+
+
+def kernel_names(module: str) -> list[str]:
+    """Every kernel of ``module`` (all are fetched right after compiling)."""
+    if module == "elementwise":
+        return ([n for d in TAGS for a in _acts.NAMES for n in (act_forward_name(a, d), grad_name(a, d))]
+                + [bias_finish_name(d) for d in TAGS])
+    return ([gemm_forward_name(a, d) for d in GEMM_DTYPES for a in _acts.NAMES]
+            + [gemm_name(d, t) for d in GEMM_DTYPES for t in (False, True)])
+
+
+# ---- launch plans -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch. ``args`` are (kind, value): ``("ptr", buffer name or None)``,
-    ``("i64", int)``, ``("int", int)`` or ``("T", float)`` (the kernel's scalar type)."""
+    """One kernel launch. ``args`` are (kind, value): ``("ptr", buffer name or None)``, ``("i64", int)``
+    or ``("f64", float)``. Construction checks the grid against CUDA's limits."""
 
+    module: str
     kernel: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     args: tuple[tuple[str, object], ...]
 
-
-def gemm_name(dtype: str, ta: bool, tb: bool) -> str:
-    return f"fl_gemm<{CTYPE[dtype]}, {str(ta).lower()}, {str(tb).lower()}>"
-
-
-def kernel_names() -> list[str]:
-    """Every template instantiation a plan may launch (the name expressions for NVRTC)."""
-    names = []
-    for dtype in CTYPE:
-        names += [gemm_name(dtype, False, True), gemm_name(dtype, False, False), gemm_name(dtype, True, False)]
-        names += [f"fl_grad_z<{CTYPE[dtype]}>", f"fl_column_sum<{CTYPE[dtype]}>"]
-    return names
+    def __post_init__(self):
+        tiling.cuda_check_launch(self.grid, self.block)
 
 
 def _ptr(name):
     return ("ptr", name)
 
 
-def forward_plan(dtype, m, n, k, ldx, ldw, has_bias, activation, slope) -> list[Launch]:
-    """A (M, N) = g(X Wᵀ + b); Z written too when the activation saves it.
+@functools.lru_cache(maxsize=4096)
+def act_forward_plan(dtype: str, count: int, activation: str, slope: float) -> tuple[Launch, ...]:
+    """a = g(z) over ``count`` contiguous elements (buffers "a" and "z"; they may be one buffer).
+    The identity needs no launch."""
+    if activation == "identity":
+        return ()
+    grid, block = tiling.cuda_elementwise_grid(count)
+    return (Launch("elementwise", act_forward_name(activation, dtype), grid, block,
+                   (_ptr("a"), _ptr("z"), ("i64", count), ("f64", float(slope)))),)
+
+
+def grad_chunks(m: int, n: int) -> int:
+    """Rows of the partial-sum workspace ("partial", (chunks, n) of COMPUTE_DTYPE) that
+    :func:`grad_plan` needs for db; 0 when db is written directly (one chunk)."""
+    chunks = tiling.cuda_grad_grid(m, n)[3]
+    return chunks if chunks > 1 else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def grad_plan(dtype: str, m: int, n: int, ld_da: int, activation: str, slope: float,
+              want_dz: bool, want_db: bool) -> tuple[Launch, ...]:
+    """dZ = dA ⊙ g'(saved) (buffer "dz", (m, n) contiguous) and db = Σ_rows dZ ("db", (n,)) in one
+    pass over "da" ((m, n), row stride ld_da) and "saved" ((m, n) contiguous; absent for the
+    identity), plus a finishing sum over the chunks' partial sums ("partial") when there are
+    several. Launches nothing when neither output is wanted."""
+    if not (want_dz or want_db):
+        return ()
+    grid, block, rows, chunks = tiling.cuda_grad_grid(m, n)
+    saves = _acts.ACTIVATIONS[activation].saves != "none"
+    several = want_db and chunks > 1
+    plan = [Launch("elementwise", grad_name(activation, dtype), grid, block, (
+        _ptr("dz" if want_dz else None), _ptr("partial" if several else None),
+        _ptr("db" if want_db and not several else None), _ptr("da"), _ptr("saved" if saves else None),
+        ("i64", m), ("i64", n), ("i64", ld_da), ("i64", rows), ("f64", float(slope))))]
+    if several:
+        plan.append(Launch("elementwise", bias_finish_name(dtype), (grid[0], 1, 1), block,
+                           (_ptr("db"), _ptr("partial"), ("i64", chunks), ("i64", n))))
+    return tuple(plan)
+
+
+@functools.lru_cache(maxsize=4096)
+def gemm_forward_plan(dtype, m, n, k, ldx, ldw, has_bias, activation, slope) -> tuple[Launch, ...]:
+    """Own engine: A (M, N) = g(X Wᵀ + b), Z written too when the activation saves it.
     Buffers: x (M, ldx), w (N, ldw), b (N) if has_bias; outputs a and, if saved, z (M, N)."""
     act = _acts.ACTIVATIONS[activation]
     grid, block = tiling.cuda_gemm_grid(m, n)
-    return [Launch(gemm_name(dtype, False, True), grid, block, (
+    return (Launch("gemm", gemm_forward_name(activation, dtype), grid, block, (
         _ptr("a"), _ptr("z" if act.saves == "z" else None), _ptr("x"), _ptr("w"), _ptr("b" if has_bias else None),
-        ("i64", m), ("i64", n), ("i64", k), ("i64", ldx), ("i64", ldw), ("i64", n),
-        ("int", _acts.ACTIVATION_IDS[activation]), ("T", float(slope)),
-    ))]
+        ("i64", m), ("i64", n), ("i64", k), ("i64", ldx), ("i64", ldw), ("i64", n), ("f64", float(slope)))),)
 
 
-COLUMN_SUM_ROWS = 128  # rows per chunk in db's first pass: M/128 chunks keep the GPU busy at large M
-
-
-def column_chunks(m: int) -> int:
-    return max(1, -(-m // COLUMN_SUM_ROWS))
-
-
-def backward_plan(dtype, m, n, k, ldx, ldw, activation, slope, mask) -> list[Launch]:
-    """dZ, then db, dX, dW as ``mask`` asks. Buffers: da, saved (M, N) (absent for identity),
-    x, w; workspaces dz (M, N) and partial (column_chunks(M), N); outputs dx (M, K), dw (N, K), db (N)."""
-    act = _acts.ACTIVATIONS[activation]
-    c = CTYPE[dtype]
-    grid, block = tiling.cuda_elementwise_grid(m * n)
-    plan = [Launch(f"fl_grad_z<{c}>", grid, block, (
-        _ptr("dz"), _ptr("da"), _ptr("saved" if act.saves != "none" else None), ("i64", m * n),
-        ("int", _acts.ACTIVATION_IDS[activation]), ("T", float(slope)),
-    ))]
-    if mask[2]:
-        chunks = column_chunks(m)
-        (gx, _, _), block = tiling.cuda_columns_grid(n)
-        plan.append(Launch(f"fl_column_sum<{c}>", (gx, chunks, 1), block, (
-            _ptr("partial"), _ptr("dz"), ("i64", m), ("i64", n), ("i64", COLUMN_SUM_ROWS))))
-        plan.append(Launch(f"fl_column_sum<{c}>", (gx, 1, 1), block, (
-            _ptr("db"), _ptr("partial"), ("i64", chunks), ("i64", n), ("i64", chunks))))
-    plain = (("int", -1), ("T", 0.0))
-    if mask[0]:  # dX (M, K) = dZ (M, N) · W (N, K)
+@functools.lru_cache(maxsize=4096)
+def gemm_backward_plan(dtype, m, n, k, ldx, ldw, ld_dz, want_dx, want_dw) -> tuple[Launch, ...]:
+    """Own engine, after dZ: dX (M, K) = dZ (M, N) · W (N, K) and dW (N, K) = dZᵀ (N, M) · X (M, K).
+    Buffers: dz (M, ld_dz), w (N, ldw), x (M, ldx); outputs dx, dw (contiguous)."""
+    plan = []
+    if want_dx:
         grid, block = tiling.cuda_gemm_grid(m, k)
-        plan.append(Launch(gemm_name(dtype, False, False), grid, block, (
-            _ptr("dx"), _ptr(None), _ptr("dz"), _ptr("w"), _ptr(None),
-            ("i64", m), ("i64", k), ("i64", n), ("i64", n), ("i64", ldw), ("i64", k)) + plain))
-    if mask[1]:  # dW (N, K) = dZᵀ (N, M) · X (M, K)
+        plan.append(Launch("gemm", gemm_name(dtype, False), grid, block, (
+            _ptr("dx"), _ptr("dz"), _ptr("w"), ("i64", m), ("i64", k), ("i64", n), ("i64", ld_dz), ("i64", ldw),
+            ("i64", k))))
+    if want_dw:
         grid, block = tiling.cuda_gemm_grid(n, k)
-        plan.append(Launch(gemm_name(dtype, True, False), grid, block, (
-            _ptr("dw"), _ptr(None), _ptr("dz"), _ptr("x"), _ptr(None),
-            ("i64", n), ("i64", k), ("i64", m), ("i64", n), ("i64", ldx), ("i64", k)) + plain))
-    return plan
-
-
-def compile_options() -> tuple[str, ...]:
-    return ("-std=c++17", f"-I{HERE}") + tuple(f"-D{k}={v}" for k, v in tiling.cuda_defines().items())
+        plan.append(Launch("gemm", gemm_name(dtype, True), grid, block, (
+            _ptr("dw"), _ptr("dz"), _ptr("x"), ("i64", n), ("i64", k), ("i64", m), ("i64", ld_dz), ("i64", ldx),
+            ("i64", k))))
+    return tuple(plan)
 
 
 # ---- CuPy executor ---------------------------------------------------------------------------
 
-_modules: dict[int, object] = {}
-_modules_lock = threading.Lock()
+_functions: dict[tuple[int, str], dict] = {}  # (device, module) -> kernel name -> cupy Function
+_streams: dict[tuple[int, int], object] = {}  # (device, stream pointer) -> cupy ExternalStream
+_lock = threading.Lock()
 
 
-def _module(device_id: int):
-    import cupy
+def load(device_id: int, module: str) -> dict:
+    """Compile ``module`` for device ``device_id`` (once per process; CuPy's disk cache makes later
+    processes skip NVRTC) and fetch every kernel of it now."""
+    functions = _functions.get((device_id, module))
+    if functions is None:
+        import cupy
 
-    module = _modules.get(device_id)
-    if module is None:
-        with _modules_lock:
-            module = _modules.get(device_id)
-            if module is None:
-                with open(SOURCE) as f:
-                    code = f.read()
+        with _lock:
+            functions = _functions.get((device_id, module))
+            if functions is None:
                 with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=code, options=compile_options(), name_expressions=kernel_names())
-                    module.compile()
-                _modules[device_id] = module
-    return module
+                    raw = cupy.RawModule(code=module_source(module), options=compile_options())
+                    functions = {name: raw.get_function(name).kernel for name in kernel_names(module)}
+                _functions[(device_id, module)] = functions
+    return functions
 
 
-def run_plan(plan: list[Launch], dtype: str, pointers: dict[str, int], device_id: int, stream_ptr: int) -> None:
-    """Launch ``plan`` on CUDA stream ``stream_ptr`` of device ``device_id``; ``pointers`` maps
-    buffer names to device addresses (allocated by the caller)."""
-    import cupy
-    import numpy as np
+def _stream(device_id: int, stream_ptr: int):
+    stream = _streams.get((device_id, stream_ptr))
+    if stream is None:
+        import cupy
 
-    scalar = np.float32 if dtype == "float32" else np.float64
-    convert = {
-        "ptr": lambda v: np.uint64(pointers[v] if v is not None else 0),
-        "i64": np.int64,
-        "int": np.int32,
-        "T": scalar,
-    }
-    module = _module(device_id)
-    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(stream_ptr, device_id):
-        for launch in plan:
-            kernel = module.get_function(launch.kernel)
-            kernel(launch.grid, launch.block, tuple(convert[kind](v) for kind, v in launch.args))
+        if len(_streams) >= 64:  # streams come and go (each graph capture has its own): keep the map small
+            _streams.clear()
+
+        with warnings.catch_warnings():  # deprecated from CuPy 14 (for Stream.from_external), kept: 13.x has only this
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[(device_id, stream_ptr)] = cupy.cuda.ExternalStream(stream_ptr, device_id)
+    return stream
+
+
+def run_plan(plan, pointers: dict[str, int], device_id: int, stream_ptr: int) -> None:
+    """Launch ``plan`` on CUDA stream ``stream_ptr`` of device ``device_id`` (the current device);
+    ``pointers`` maps buffer names to device addresses (allocated by the caller). Asynchronous:
+    no synchronisation, no allocation."""
+    stream = _stream(device_id, stream_ptr)
+    limits = tiling.CUDA_GRID_MAX
+    for launch in plan:
+        grid = launch.grid
+        if grid[0] > limits[0] or grid[1] > limits[1] or grid[2] > limits[2]:  # plans check; this guards edits
+            raise ValueError(f"{launch.kernel}: grid {grid} exceeds CUDA's limits {limits}")
+        function = (_functions.get((device_id, launch.module)) or load(device_id, launch.module))[launch.kernel]
+        function(grid, launch.block,
+                 tuple((pointers[v] if v is not None else 0) if kind == "ptr" else v for kind, v in launch.args),
+                 stream=stream)
 
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str | None:
     """Why the CUDA kernels cannot run in this process (None if they can); asked once, so no CUDA
-    call happens inside a stream capture."""
+    call happens inside a stream capture. Checks CuPy, a visible device, and NVRTC (which CuPy
+    needs to compile the kernels; a CuPy wheel finds it in the CUDA runtime or the
+    nvidia-cuda-nvrtc wheel)."""
     try:
         import cupy
     except ImportError:
@@ -205,8 +312,13 @@ def unavailable_reason() -> str | None:
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "no CUDA device visible to CuPy"
-    except Exception as exc:  # no driver, no device
+    except Exception as exc:  # CUDARuntimeError without a driver; its class differs across CuPy versions
         return f"CuPy sees no usable CUDA device ({type(exc).__name__}: {exc})"
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:  # missing libnvrtc: ImportError, OSError or NVRTCError, by CuPy version
+        return (f"CuPy cannot load NVRTC, which compiles the kernels ({type(exc).__name__}: {exc}); "
+                "install the CUDA runtime's NVRTC (e.g. pip install nvidia-cuda-nvrtc-cu12)")
     return None
 
 

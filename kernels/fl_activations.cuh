@@ -1,14 +1,15 @@
 // fl_activations.cuh: GENERATED from kernels/activations.py by `python -m fusedlinear.kernels.cuda`.
 // Do not edit; tests/test_cuda_build.py fails when this file and the table disagree.
+// Activation table digest: c840970afe88b195
 #pragma once
 
 template <typename T> __host__ __device__ __forceinline__ T where(bool c, T x, T y) { return c ? x : y; }
 template <typename T> __host__ __device__ __forceinline__ T sigmoid(T x) { return T(1.0) / (T(1.0) + exp(-x)); }
 
-// a = g(z)
-template <typename T> __host__ __device__ __forceinline__ T fl_act_forward(int act, T z, T s)
+// a = g_ACT(z); ACT is a compile-time constant, so each instance holds one formula
+template <int ACT, typename T> __host__ __device__ __forceinline__ T fl_act_forward(T z, T s)
 {
-    switch (act) {
+    switch (ACT) {
     case 0: return z;  // identity
     case 1: return where(z <= T(0.0), T(0.0), z);  // relu
     case 2: return sigmoid(z);  // sigmoid
@@ -21,10 +22,10 @@ template <typename T> __host__ __device__ __forceinline__ T fl_act_forward(int a
     return z;
 }
 
-// dz = da * g'(.), v being the saved tensor's element (a or z, as the table says)
-template <typename T> __host__ __device__ __forceinline__ T fl_act_backward(int act, T da, T v, T s)
+// dz = da * g_ACT'(.), v being the saved tensor's element (a or z, as the table says)
+template <int ACT, typename T> __host__ __device__ __forceinline__ T fl_act_backward(T da, T v, T s)
 {
-    switch (act) {
+    switch (ACT) {
     case 0: { return da; }  // identity
     case 1: { const T a = v; return where(a <= T(0.0), T(0.0), da); }  // relu
     case 2: { const T a = v; return da * (T(1.0) - a) * a; }  // sigmoid
@@ -36,3 +37,14 @@ template <typename T> __host__ __device__ __forceinline__ T fl_act_backward(int 
     }
     return da;
 }
+
+// X(activation id, activation name, S, TAG) for every activation of the table
+#define FL_FOR_EACH_ACTIVATION(X, S, TAG) \
+    X(0, identity, S, TAG) \
+    X(1, relu, S, TAG) \
+    X(2, sigmoid, S, TAG) \
+    X(3, tanh, S, TAG) \
+    X(4, gelu, S, TAG) \
+    X(5, gelu_tanh, S, TAG) \
+    X(6, silu, S, TAG) \
+    X(7, leaky_relu, S, TAG)

@@ -1,18 +1,18 @@
-// fused_linear.cu — CUDA kernels of fusedlinear: fused Linear + activation, forward and backward.
+// fused_linear.cu — the "own" CUDA engine's GEMM: a tiled SIMT GEMM with the forward epilogue
+// (bias + activation, one write of A and of Z) in registers. Picked with FUSEDLINEAR_CUDA_GEMM=own;
+// the default engine ("vendor") runs its GEMMs in cuBLAS through PyTorch instead. Backward of the
+// own engine: dZ and db by fl_elementwise.cu's fl_grad_* (as the vendor engine), then dX and dW here.
 //
-// Loaded at run time by kernels/cuda.py with cupy.RawModule (NVRTC; templates instantiated with
-// name_expressions); compiled by nvcc in the tests for register/spill reports (with
-// FL_EXPLICIT_INSTANTIATIONS), and by g++ in the CPU emulation harness (tests/cuda_emu/).
+// Loaded by kernels/cuda.py with cupy.RawModule (headers inlined; extern "C" names); compiled by
+// nvcc in the tests for register/spill reports, and by g++ in the CPU emulation harness.
 // Tile sizes come in as -D options from kernels/tiling.py, the one place they are set.
 //
 // Shapes (row-major, leading dimensions ld*): X (M, K), W (N, K), b (N), Z and A (M, N).
-//   forward   A = g(X Wᵀ + b)            fl_gemm<T, false, true>  epilogue: + b, g, one write of A (and Z)
-//   backward  dZ = dA ⊙ g'(A or Z)       fl_grad_z<T>
-//             db = Σ_rows dZ             fl_column_sum<T> twice (row chunks, then the chunk partials)
-//             dX = dZ W                  fl_gemm<T, false, false>
-//             dW = dZᵀ X                 fl_gemm<T, true, false>
-// All index arithmetic is 64-bit; any M, N, K (bounds-checked loads, no alignment assumption).
-// No atomics: every reduction has a fixed order, so results are deterministic.
+//   forward   A = g(X Wᵀ + b)     fl_gemm_forward_<act>_<dtype>  = fl_gemm_body<T, false, true, ACT>
+//   backward  dX = dZ W           fl_gemm_nn_<dtype>             = fl_gemm_body<T, false, false, -1>
+//             dW = dZᵀ X          fl_gemm_tn_<dtype>             = fl_gemm_body<T, true, false, -1>
+// Grid: x = tiles along M (up to 2^31 - 1, so any batch), y = tiles along N (<= 65535, asserted by
+// the plans). float32 and float64 only; products accumulate in T. Deterministic: no atomics.
 
 #include "fl_activations.cuh"
 
@@ -26,27 +26,27 @@
 
 typedef long long i64;
 
-// ---------------------------------------------------------------------------------------------
-// C (M, N) = op(A) (M, K) · op(B) (K, N), then the epilogue.
+// C (M, N) = op(A) (M, K) · op(B) (K, N), then, if ACT >= 0, the epilogue.
 //   op(A)[m, k] = TA ? A[k * lda + m] : A[m * lda + k]
 //   op(B)[k, n] = TB ? B[n * ldb + k] : B[k * ldb + n]
-//   act < 0: C = acc.  act >= 0: z = acc + bias[n] (bias may be null); Z[m, n] = z if Z is not
-//   null; C[m, n] = g_act(z).
+//   ACT < 0: C = acc.  ACT >= 0: z = acc + bias[n] (bias may be null); Z[m, n] = z if Z is not
+//   null; C[m, n] = g_ACT(z).
 // One block computes a FL_TILE_M x FL_TILE_N tile; thread (ty, tx) owns rows ty + i*FL_THREADS_M
-// and columns tx + j*FL_THREADS_N (strided, so a warp's stores are contiguous along n).
-// K is walked FL_TILE_K at a time through shared memory; products accumulate in T.
-template <typename T, bool TA, bool TB>
-__global__ void fl_gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A,
-                        const T* __restrict__ B, const T* __restrict__ bias, i64 M, i64 N, i64 K,
-                        i64 lda, i64 ldb, i64 ldc, int act, T slope)
+// and columns tx + j*FL_THREADS_N (strided, so a warp's stores are contiguous along n). The shared
+// tiles have one padding column, so the stores of a non-transposed tile (consecutive threads,
+// consecutive k) fall in different banks.
+template <typename T, bool TA, bool TB, int ACT>
+__device__ __forceinline__ void fl_gemm_body(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A,
+                                             const T* __restrict__ B, const T* __restrict__ bias, i64 M, i64 N,
+                                             i64 K, i64 lda, i64 ldb, i64 ldc, double slope)
 {
-    __shared__ T As[FL_TILE_K][FL_TILE_M];
-    __shared__ T Bs[FL_TILE_K][FL_TILE_N];
+    __shared__ T As[FL_TILE_K][FL_TILE_M + 1];
+    __shared__ T Bs[FL_TILE_K][FL_TILE_N + 1];
     const int tid = threadIdx.x;
     const int tx = tid % FL_THREADS_N;
     const int ty = tid / FL_THREADS_N;
-    const i64 m0 = (i64)blockIdx.y * FL_TILE_M;
-    const i64 n0 = (i64)blockIdx.x * FL_TILE_N;
+    const i64 m0 = (i64)blockIdx.x * FL_TILE_M;
+    const i64 n0 = (i64)blockIdx.y * FL_TILE_N;
 
     T acc[FL_THREAD_M][FL_THREAD_N];
     for (int i = 0; i < FL_THREAD_M; ++i)
@@ -88,64 +88,50 @@ __global__ void fl_gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restric
     }
 
     // Epilogue, in registers: bias, activation, one write of C (and of Z where backward needs it).
+    const T s = (T)slope;
+#pragma unroll
     for (int i = 0; i < FL_THREAD_M; ++i) {
         const i64 m = m0 + ty + i * FL_THREADS_M;
         if (m >= M)
             continue;
+#pragma unroll
         for (int j = 0; j < FL_THREAD_N; ++j) {
             const i64 n = n0 + tx + j * FL_THREADS_N;
             if (n >= N)
                 continue;
             T v = acc[i][j];
-            if (act >= 0) {
+            if (ACT >= 0) {
                 if (bias)
                     v += bias[n];
                 if (Z)
                     Z[m * ldc + n] = v;
-                v = fl_act_forward<T>(act, v, slope);
+                v = fl_act_forward<ACT, T>(v, s);
             }
             C[m * ldc + n] = v;
         }
     }
 }
 
-// dZ[i] = dA[i] ⊙ g'(saved[i]) over `count` contiguous elements (saved null: identity).
-template <typename T>
-__global__ void fl_grad_z(T* __restrict__ dz, const T* __restrict__ da, const T* __restrict__ saved,
-                          i64 count, int act, T slope)
-{
-    const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride)
-        dz[i] = fl_act_backward<T>(act, da[i], saved ? saved[i] : T(0), slope);
-}
-
-// out[c, n] = Σ_{m in chunk c} x[m, n] for x (M, N) contiguous, chunks of `rows` rows
-// (blockIdx.y = chunk). Summed in double in a fixed order: deterministic, no atomics.
-template <typename T>
-__global__ void fl_column_sum(T* __restrict__ out, const T* __restrict__ x, i64 M, i64 N, i64 rows)
-{
-    const i64 n = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N)
-        return;
-    const i64 begin = (i64)blockIdx.y * rows;
-    const i64 end = begin + rows < M ? begin + rows : M;
-    double acc = 0.0;
-    for (i64 m = begin; m < end; ++m)
-        acc += (double)x[m * N + n];
-    out[(i64)blockIdx.y * N + n] = (T)acc;
-}
-
-#ifdef FL_EXPLICIT_INSTANTIATIONS
-// For nvcc's register report and for the emulation harness; CuPy instantiates by name instead.
-#define FL_INSTANTIATE(T)                                                                          \
-    template __global__ void fl_gemm<T, false, true>(T*, T*, const T*, const T*, const T*, i64, i64,  \
-                                                     i64, i64, i64, i64, int, T);                   \
-    template __global__ void fl_gemm<T, false, false>(T*, T*, const T*, const T*, const T*, i64, i64, \
-                                                      i64, i64, i64, i64, int, T);                  \
-    template __global__ void fl_gemm<T, true, false>(T*, T*, const T*, const T*, const T*, i64, i64,  \
-                                                     i64, i64, i64, i64, int, T);                   \
-    template __global__ void fl_grad_z<T>(T*, const T*, const T*, i64, int, T);                    \
-    template __global__ void fl_column_sum<T>(T*, const T*, i64, i64, i64);
-FL_INSTANTIATE(float)
-FL_INSTANTIATE(double)
-#endif
+#define FL_GEMM_FORWARD(ID, NAME, T, TAG)                                                          \
+    extern "C" __global__ void fl_gemm_forward_##NAME##_##TAG(T* C, T* Z, const T* A, const T* B, const T* bias, \
+                                                              i64 M, i64 N, i64 K, i64 lda, i64 ldb, i64 ldc, \
+                                                              double slope)                        \
+    {                                                                                              \
+        fl_gemm_body<T, false, true, ID>(C, Z, A, B, bias, M, N, K, lda, ldb, ldc, slope);         \
+    }
+#define FL_GEMM_PLAIN(T, TAG)                                                                      \
+    extern "C" __global__ void fl_gemm_nn_##TAG(T* C, const T* A, const T* B, i64 M, i64 N, i64 K, i64 lda, \
+                                                i64 ldb, i64 ldc)                                  \
+    {                                                                                              \
+        fl_gemm_body<T, false, false, -1>(C, nullptr, A, B, nullptr, M, N, K, lda, ldb, ldc, 0.0); \
+    }                                                                                              \
+    extern "C" __global__ void fl_gemm_tn_##TAG(T* C, const T* A, const T* B, i64 M, i64 N, i64 K, i64 lda, \
+                                                i64 ldb, i64 ldc)                                  \
+    {                                                                                              \
+        fl_gemm_body<T, true, false, -1>(C, nullptr, A, B, nullptr, M, N, K, lda, ldb, ldc, 0.0);  \
+    }
+// Every instance: X(ACT_ID, act_name, T, dtype_tag) and Y(T, dtype_tag), for the emulation driver too.
+#define FL_GEMM_FORWARD_INSTANCES(X) FL_FOR_EACH_ACTIVATION(X, float, f32) FL_FOR_EACH_ACTIVATION(X, double, f64)
+#define FL_GEMM_PLAIN_INSTANCES(Y) Y(float, f32) Y(double, f64)
+FL_GEMM_FORWARD_INSTANCES(FL_GEMM_FORWARD)
+FL_GEMM_PLAIN_INSTANCES(FL_GEMM_PLAIN)

@@ -6,6 +6,8 @@ emulation harness in ``tests/`` all take grid and tile sizes from the same funct
 
 from __future__ import annotations
 
+import math
+
 # ---- CPU (Numba kernels on PyTorch's OpenMP pool, single-threaded BLAS per tile) -------------
 # Small batches (M < CPU_WHOLE_MIN_ROWS): each tile is one single-threaded BLAS call followed by
 # the epilogue while the tile is hot. A tile spans all M rows and a block of columns, so every
@@ -59,17 +61,22 @@ def cpu_column_block(n: int, threads: int) -> int:
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
-# A block of CUDA_THREADS threads computes a CUDA_TILE_M x CUDA_TILE_N output tile, each thread
-# a CUDA_THREAD_M x CUDA_THREAD_N register micro-tile; K is walked CUDA_TILE_K at a time through
-# shared memory. These must match the #defines the CUDA source is compiled with (cuda.py passes
-# them as -D options, so they are set here only).
+# The "own" GEMM engine (FUSEDLINEAR_CUDA_GEMM=own): a block of CUDA_THREADS threads computes a
+# CUDA_TILE_M x CUDA_TILE_N output tile, each thread a CUDA_THREAD_M x CUDA_THREAD_N register
+# micro-tile; K is walked CUDA_TILE_K at a time through shared memory. These must match the
+# #defines the CUDA source is compiled with (cuda.py passes them as -D options, so they are set
+# here only).
 CUDA_TILE_M = 64
 CUDA_TILE_N = 64
 CUDA_TILE_K = 16
 CUDA_THREAD_M = 4
 CUDA_THREAD_N = 4
 CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  # 256
-CUDA_EW_THREADS = 256  # element-wise and column-reduction kernels
+CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
+CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
+# CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
+CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)
+CUDA_BLOCK_MAX_THREADS = 1024
 
 
 def cuda_defines() -> dict[str, int]:
@@ -79,22 +86,46 @@ def cuda_defines() -> dict[str, int]:
         "FL_TILE_K": CUDA_TILE_K,
         "FL_THREAD_M": CUDA_THREAD_M,
         "FL_THREAD_N": CUDA_THREAD_N,
-        "FL_EW_THREADS": CUDA_EW_THREADS,
     }
 
 
+def cuda_check_launch(grid, block) -> None:
+    """Raise if (grid, block) exceeds CUDA's launch limits (a launch would fail, or worse, run a
+    truncated grid)."""
+    threads = block[0] * block[1] * block[2]
+    if not (all(1 <= g <= lim for g, lim in zip(grid, CUDA_GRID_MAX)) and 1 <= threads <= CUDA_BLOCK_MAX_THREADS):
+        raise ValueError(f"CUDA launch grid {grid} / block {block} outside the limits "
+                         f"(grid <= {CUDA_GRID_MAX}, 1..{CUDA_BLOCK_MAX_THREADS} threads per block)")
+
+
 def cuda_gemm_grid(m: int, n: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, block) for a tiled GEMM with an (m, n) output: x over n, y over m."""
-    grid = (-(-n // CUDA_TILE_N), -(-m // CUDA_TILE_M), 1)
-    return grid, (CUDA_THREADS, 1, 1)
-
-
-def cuda_columns_grid(n: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, block) for a per-column reduction over rows (db): one thread per column."""
-    return (-(-n // CUDA_EW_THREADS), 1, 1), (CUDA_EW_THREADS, 1, 1)
+    """(grid, block) for the own tiled GEMM with an (m, n) output: x over m (any batch), y over n."""
+    return (-(-m // CUDA_TILE_M), -(-n // CUDA_TILE_N), 1), (CUDA_THREADS, 1, 1)
 
 
 def cuda_elementwise_grid(count: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, block) for a grid-stride element-wise kernel over ``count`` elements."""
-    blocks = max(1, min(-(-count // CUDA_EW_THREADS), 65535))
+    blocks = max(1, min(-(-count // CUDA_EW_THREADS), CUDA_EW_MAX_BLOCKS))
     return (blocks, 1, 1), (CUDA_EW_THREADS, 1, 1)
+
+
+def cuda_column_block(n: int) -> int:
+    """Threads per block of a one-thread-per-column kernel: whole warps, at most CUDA_EW_THREADS."""
+    return min(CUDA_EW_THREADS, max(32, -(-n // 32) * 32))
+
+
+def cuda_grad_rows(m: int) -> int:
+    """Rows per chunk of backward's dZ + db pass (one block row per chunk). About sqrt(M), so the
+    pass and the sum over the chunks' partial sums both walk ~sqrt(M) rows per thread (M = 64: 8
+    chunks of 8; M = 8192: 91 of 91), and never more than 65535 chunks (grid y)."""
+    root = math.isqrt(max(m, 1))
+    root += root * root < m
+    return max(root, -(-m // CUDA_GRID_MAX[1]))
+
+
+def cuda_grad_grid(m: int, n: int) -> tuple[tuple[int, int, int], tuple[int, int, int], int, int]:
+    """(grid, block, rows per chunk, chunks) for the dZ + db pass over an (m, n) gradient."""
+    rows = cuda_grad_rows(m)
+    chunks = max(1, -(-m // rows))
+    threads = cuda_column_block(n)
+    return (-(-n // threads), chunks, 1), (threads, 1, 1), rows, chunks

@@ -1,5 +1,7 @@
-"""The CUDA sources without a GPU: the generated header is current, and nvcc compiles every
-kernel for sm_80 and sm_90 without register spills (the report lists registers and shared memory)."""
+"""The CUDA sources and plans without a GPU: the generated header is current, the text CuPy
+compiles covers every line (so its disk cache cannot serve a stale kernel), plans stay inside
+CUDA's launch limits at any batch size, and nvcc compiles every kernel of both modules for sm_80
+and sm_90 without register spills."""
 
 import re
 import shutil
@@ -7,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fusedlinear.kernels import cuda, tiling
+from fusedlinear.kernels import activations, cuda, tiling
 
 
 def test_activation_header_matches_the_table():
@@ -16,24 +18,69 @@ def test_activation_header_matches_the_table():
             "kernels/fl_activations.cuh is stale: run `python -m fusedlinear.kernels.cuda`")
 
 
-def test_plans_cover_every_kernel_name():
-    launched = set()
-    for dtype in ("float32", "float64"):
-        launched |= {l.kernel for l in cuda.forward_plan(dtype, 5, 6, 7, 7, 7, True, "gelu", 0.0)}
-        launched |= {l.kernel for l in cuda.backward_plan(dtype, 5, 6, 7, 7, 7, "gelu", 0.0, (True, True, True))}
-    assert launched == set(cuda.kernel_names())
+@pytest.mark.parametrize("module", list(cuda.SOURCES))
+def test_compiled_text_inlines_every_header_and_options_carry_the_table_digest(module):
+    # CuPy keys its disk cache on (source text, options): with the headers inlined, a changed
+    # activation table or storage type changes the key.
+    text = cuda.module_source(module)
+    assert '#include "' not in text
+    assert cuda.activation_header().splitlines()[5] in text  # a line of the generated header
+    assert f"-DFL_TABLE_DIGEST=0x{activations.table_digest()}" in cuda.compile_options()
+    if module == "elementwise":
+        assert "fl_float_to_half" in text
+
+
+def test_plans_launch_only_kernels_the_modules_define():
+    names = {m: set(cuda.kernel_names(m)) for m in cuda.SOURCES}
+    launched = []
+    for dtype in cuda.TAGS:
+        for act in activations.NAMES:
+            launched += cuda.act_forward_plan(dtype, 100, act, 0.1)
+            launched += cuda.grad_plan(dtype, 100, 7, 9, act, 0.1, True, True)
+    for dtype in cuda.GEMM_DTYPES:
+        for act in activations.NAMES:
+            launched += cuda.gemm_forward_plan(dtype, 5, 6, 7, 7, 7, True, act, 0.0)
+        launched += cuda.gemm_backward_plan(dtype, 5, 6, 7, 7, 7, 6, True, True)
+    for launch in launched:
+        assert launch.kernel in names[launch.module], launch.kernel
+    # every compiled kernel is launched by some plan, except A = identity(Z), which needs no pass
+    unlaunched = (names["elementwise"] | names["gemm"]) - {l.kernel for l in launched}
+    assert unlaunched == {cuda.act_forward_name("identity", d) for d in cuda.TAGS}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 64, 8192, 2**22 + 1, 2**31 - 1, 2**33])
+def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
+    # Launch() checks every grid on construction; the dZ+db pass covers every row exactly once.
+    n = 300
+    plan = cuda.grad_plan("float32", m, n, n, "relu", 0.0, True, True)
+    grid, block, rows, chunks = tiling.cuda_grad_grid(m, n)
+    assert (chunks - 1) * rows < m <= chunks * rows and plan[0].grid[1] == chunks <= 65535
+    assert len(plan) == (1 if chunks == 1 else 2)
+    if m < 2**31:
+        (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)
+        assert gx * tiling.CUDA_TILE_M >= m and gy * tiling.CUDA_TILE_N >= n
+        cuda.gemm_forward_plan("float32", m, n, 5, 5, 5, True, "relu", 0.0)
+
+
+def test_launch_beyond_the_limits_is_refused():
+    with pytest.raises(ValueError, match="outside the limits"):
+        cuda.Launch("gemm", "fl_gemm_nn_f32", (1, 65536, 1), (256, 1, 1), ())
+    with pytest.raises(ValueError, match="outside the limits"):
+        cuda.gemm_forward_plan("float32", 64, 64 * 65536, 5, 5, 5, False, "relu", 0.0)  # N tiles on grid y
 
 
 PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes cumulative stack size)?(?:, (\d+) bytes smem)?")
 
 
-def ptxas_report(arch: str, tmp_path) -> dict:
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-std=c++17", "-DFL_EXPLICIT_INSTANTIATIONS",
-           f"-I{cuda.HERE}", *(f"-D{k}={v}" for k, v in tiling.cuda_defines().items()),
-           "-o", str(tmp_path / f"fl-{arch}.cubin"), cuda.SOURCE]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def ptxas_report(module: str, arch: str, tmp_path) -> dict:
+    """Compile exactly the text and options CuPy compiles (plus CuPy's own -ftz=true) with nvcc."""
+    source = tmp_path / f"{module}.cu"
+    source.write_text(cuda.module_source(module))
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-ftz=true", *cuda.compile_options(),
+           "-o", str(tmp_path / f"{module}-{arch}.cubin"), str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report, current = {}, None
     for line in proc.stderr.splitlines():
@@ -43,20 +90,66 @@ def ptxas_report(arch: str, tmp_path) -> dict:
         elif current and (m := PTXAS_SPILLS.search(line)):
             report[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current and (m := PTXAS_USED.search(line)):
-            report[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+            report[current].update(registers=int(m.group(1)), smem=int(m.group(3) or 0))
     return report
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("module", list(cuda.SOURCES))
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvcc_compiles_without_spills(arch, tmp_path):
-    report = ptxas_report(arch, tmp_path)
-    print(f"\nptxas {arch}:")
+def test_nvcc_compiles_without_spills(module, arch, tmp_path):
+    report = ptxas_report(module, arch, tmp_path)
+    print(f"\nptxas {module} {arch}:")
     for name, r in sorted(report.items()):
-        print(f"  {name:60s} {r.get('registers', '?'):>4} regs  {r.get('smem', 0):>6} B smem  "
-              f"{r.get('spill_stores', '?')} B spill stores  {r.get('spill_loads', '?')} B spill loads")
-    assert len(report) == len(cuda.kernel_names()), sorted(report)
-    spilling = {n: r for n, r in report.items() if r.get("spill_stores") or r.get("spill_loads")}
-    assert not spilling, f"register spills: {spilling}"
+        print(f"  {name:40s} {r.get('registers', '?'):>4} regs  {r.get('smem', 0):>6} B smem  "
+              f"{r.get('stack', '?')} B stack  {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B spills")
+    assert set(report) == set(cuda.kernel_names(module))
+    spilling = {n: r for n, r in report.items() if r.get("spill_stores") or r.get("spill_loads") or r.get("stack")}
+    assert not spilling, f"register spills or local memory: {spilling}"
     for r in report.values():
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
+
+
+@pytest.mark.parametrize("value,engine", [("", "vendor"), ("own", "own"), ("vendor", "vendor"), ("cublas", None)])
+def test_engine_variable(value, engine):
+    """FUSEDLINEAR_CUDA_GEMM picks the engine at import; a bad value makes the cupy backend
+    unavailable with a message naming the value and the choices (and `fusedlinear info` says so)."""
+    import os
+    import sys
+
+    code = ("from fusedlinear.backend import cupy_cuda as c; print(c.ENGINE); "
+            "print(c._ENGINE_ERROR or ''); print(c._forward.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FUSEDLINEAR_CUDA_GEMM": value})
+    assert proc.returncode == 0, proc.stderr
+    got, error, forward = proc.stdout.splitlines()
+    assert got == str(engine)
+    if engine:
+        assert not error and forward == f"{engine}_forward"
+    else:
+        assert "FUSEDLINEAR_CUDA_GEMM='cublas'" in error and "vendor, own" in error and forward == "_refuse"
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import compiler, nvrtc
+
+        nvrtc.getVersion()
+        return compiler, nvrtc
+    except Exception:  # CuPy or libnvrtc missing (ImportError, OSError, or CuPy's own errors by version)
+        return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="CuPy with NVRTC not installed (no GPU needed for this test)")
+@pytest.mark.parametrize("module", list(cuda.SOURCES))
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_nvrtc_compiles_what_cupy_compiles(module, arch):
+    """NVRTC (not nvcc) on the exact text and options CuPy's compile_with_cache uses, CuPy's own
+    additions included: every kernel name the executor fetches is an entry of the PTX, no warning."""
+    compiler, nvrtc = _nvrtc()
+    options = cuda.compile_options() + ("-ftz=true", f"-arch=compute_{arch}", "--device-as-default-execution-space")
+    program = compiler._NVRTCProgram(cuda.module_source(module), "kern.cu")
+    nvrtc.compileProgram(program.ptr, options)
+    entries = set(re.findall(r"\.visible \.entry (\w+)\(", nvrtc.getPTX(program.ptr).decode()))
+    assert entries == set(cuda.kernel_names(module))
+    assert not nvrtc.getProgramLog(program.ptr).strip()

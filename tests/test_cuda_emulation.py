@@ -1,78 +1,202 @@
-"""The CUDA kernels compiled with g++ and run on the CPU (tests/cuda_emu), plan for plan as the
-CuPy backend launches them, against float64 PyTorch; under ASan+UBSan and under ThreadSanitizer."""
+"""The CUDA kernels compiled with g++ and run on the CPU (tests/cuda_emu), launched by the CuPy
+backend's own code (fusedlinear.backend.cupy_cuda, with CPU tensors and the emulator as its
+launcher), against float64 PyTorch; under ASan+UBSan and under ThreadSanitizer.
+
+Every dtype (float16 and bfloat16 in their storage format), every activation, both engines,
+padded and transposed operands, gradient masks, slopes other than the default, and ties at 0."""
 
 import os
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 import emulator
 from conftest import ACTIVATIONS, TOL, make_inputs, reference
+from fusedlinear.backend import cupy_cuda
+from fusedlinear.kernels import ACTIVATIONS as TABLE
+from fusedlinear.kernels import cuda
 
 pytestmark = pytest.mark.skipif(not emulator.have_gxx(), reason="g++ not installed")
 
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+# Against the float64 reference, for inputs with |Z| = O(1):
+# - float16 (11-bit significand, unit roundoff 4.9e-4): Z, A, dZ and each GEMM result are rounded
+#   once each to float16 (PyTorch's CPU GEMMs accumulate in float32), so an output carries 2-4
+#   roundings plus the reference's exact sums: 1e-2 absolute and relative leaves a 5x margin;
+# - bfloat16 (8-bit significand, unit roundoff 3.9e-3): the same count of roundings: 5e-2;
+# - float32 / float64: conftest.TOL (their reasons are written there).
+TOLS = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=5e-2, rtol=5e-2), **TOL}
+
 
 @pytest.fixture(scope="session")
-def builds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("emu-build")
+def builds():
     cache = {}
 
     def get(variant):
         if variant not in cache:
-            cache[variant] = emulator.compile_emulator(str(out), variant)
+            cache[variant] = emulator.compile_emulator(None, variant)
         return cache[variant]
 
     return get
 
 
-# (M, K, N): several blocks in every grid dimension of the forward and backward GEMMs (64-wide
-# tiles), several K tiles (16), and remainders everywhere; plus the 1x1 -> 1 corner.
-SHAPES = [(130, 77, 131), (1, 1, 1), (7, 13, 5)]
+def padded_rows(t, extra=3):
+    """The same values with each row padded by ``extra`` elements (leading dimension > columns)."""
+    big = torch.full((t.shape[0], t.shape[1] + extra), float("nan"), dtype=t.dtype)
+    big[:, : t.shape[1]] = t
+    return big[:, : t.shape[1]]
 
 
-def check(exe, work, m, k, n, activation, dtype, bias=True, slope=0.1):
-    x, w, b = make_inputs((m,), k, n, dtype, bias=bias, seed=m + n)
-    xn, wn = x.numpy(), w.numpy()
-    bn = b.numpy() if b is not None else None
-    a, z = emulator.forward(exe, work, xn, wn, bn, activation, slope)
-    refs = [t.double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+def column_major(t):
+    return t.t().contiguous().t()
+
+
+LAYOUTS = {"contiguous": lambda t: t, "padded": padded_rows, "transposed": column_major}
+
+
+def run_case(exe, work, m, k, n, activation, dtype, engine="vendor", bias=True, slope=0.37,
+             x_layout="contiguous", w_layout="contiguous", grad_layout="contiguous", mask=(True, True, True),
+             inputs=None, log=None):
+    """Forward and backward through the backend's ``engine`` functions with the emulated kernels;
+    output and every masked-in gradient compared with float64 PyTorch."""
+    x, w, b = inputs or make_inputs((m,), k, n, dtype, bias=bias, seed=m + 7 * n)
+    launch = emulator.launcher(exe, work, log)
+    fwd, bwd = {"vendor": (cupy_cuda.vendor_forward, cupy_cuda.vendor_backward),
+                "own": (cupy_cuda.own_forward, cupy_cuda.own_backward)}[engine]
+    xk, wk = LAYOUTS[x_layout](x), LAYOUTS[w_layout](w)
+    a, z = fwd(xk, wk, b, activation, slope, launch)
+    refs = [t.detach().double().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
     ref = reference(*refs, activation, slope)
-    tol = TOL[dtype]
-    torch.testing.assert_close(torch.from_numpy(a).double(), ref.detach(), **tol)
+    tol = TOLS[dtype]
+    torch.testing.assert_close(a.double(), ref.detach(), **tol, msg=lambda s: f"output: {s}")
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref.backward(grad)
-    saves = {"a": a, "z": z, "none": None}[__import__("fusedlinear").kernels.ACTIVATIONS[activation].saves]
-    dx, dw, db = emulator.backward(exe, work, grad.to(dtype).numpy(), saves, xn, wn, activation, slope)
-    torch.testing.assert_close(torch.from_numpy(dx).double(), refs[0].grad, **tol)
-    torch.testing.assert_close(torch.from_numpy(dw).double(), refs[1].grad, **tol)
-    if b is not None:
-        torch.testing.assert_close(torch.from_numpy(db).double(), refs[2].grad, **tol)
+    saved = {"a": a, "z": z, "none": x.new_empty(0)}[TABLE[activation].saves]
+    dx, dw, db = bwd(LAYOUTS[grad_layout](grad.to(dtype)), saved, xk, wk, activation, slope, mask, launch)
+    for name, on, got, want in zip(("dX", "dW", "db"), mask, (dx, dw, db), refs):
+        if on and want is not None:
+            torch.testing.assert_close(got.double(), want.grad, **tol, msg=lambda s: f"{name}: {s}")
+        elif not on:
+            assert got.numel() == 0, f"{name} was masked out but computed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_vendor_engine_matches_float64(builds, tmp_path, activation, dtype):
+    # 37 rows: 6 row chunks of 7 in the dZ+db pass, so db goes through the partial-sum kernel;
+    # x and dA with padded rows (read in place by the kernels), a slope other than the default.
+    log = []
+    run_case(builds("plain"), str(tmp_path), 37, 29, 45, activation, dtype, x_layout="padded",
+             grad_layout="padded", log=log)
+    kernels = [launch.kernel for plan in log for launch in plan]
+    assert cuda.grad_name(activation, str(dtype).removeprefix("torch.")) in kernels
+    assert len(log[0]) == (activation != "identity") and len(log[-1]) == 2  # forward: <= 1 kernel besides addmm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_emulated_kernels_match_pytorch(builds, tmp_path, activation, shape, dtype):
+def test_own_engine_matches_float64(builds, tmp_path, activation, dtype):
+    # 130 x 131 outputs: several 64-wide tiles in both grid dimensions and 5 K tiles of 16, with
+    # remainders everywhere; x with padded rows, W column-major (copied for the own GEMM).
+    run_case(builds("plain"), str(tmp_path), 130, 77, 131, activation, dtype, engine="own", x_layout="padded",
+             w_layout="transposed", slope=2.5)
+
+
+MASKS = [(True, False, False), (False, True, False), (False, False, True), (True, True, False),
+         (False, True, True), (True, False, True)]
+
+
+@pytest.mark.parametrize("engine", ["vendor", "own"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("xwb"[i] for i in range(3) if m[i]))
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "gelu"])
+def test_gradient_masks_and_layouts(builds, tmp_path, activation, mask, engine):
+    # Each gradient subset; dA transposed (copied) or padded (read in place; for the identity dZ is
+    # dA itself, so the own GEMMs read a padded dZ), no bias on some, slope 0.05.
+    run_case(builds("plain"), str(tmp_path), 23, 17, 19, activation, torch.float32, engine=engine, bias=mask[2],
+             slope=0.05, grad_layout="transposed" if mask[0] else "padded", x_layout="padded", mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 1), (1, 5, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_tiny_and_wide_shapes(builds, tmp_path, shape, dtype):
+    # One row (one chunk: db written directly), one column (32-thread blocks), 300 columns (2 blocks).
     m, k, n = shape
-    check(builds("plain"), str(tmp_path), m, k, n, activation, dtype, bias=(m != 7))
+    for activation in ("relu", "silu"):
+        run_case(builds("plain"), str(tmp_path), m, k, n, activation, dtype)
 
 
-@pytest.mark.parametrize("activation,dtype", [("gelu", torch.float32), ("relu", torch.float64)])
-def test_address_and_undefined_behaviour_sanitizers_clean(builds, tmp_path, activation, dtype):
-    check(builds("asan"), str(tmp_path), 130, 77, 131, activation, dtype)
-    check(builds("asan"), str(tmp_path), 1, 1, 1, activation, dtype, bias=False)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_ties_at_zero_follow_pytorch(builds, tmp_path, activation):
+    # Z exactly +0.0, -0.0 and +-1 (X = 0, so Z = b): values and gradients must equal PyTorch's
+    # conventions at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) exactly, in float64.
+    b = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=torch.float64)
+    x, w = torch.zeros(3, 2, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64)
+    launch = emulator.launcher(builds("plain"), str(tmp_path))
+    a, z = cupy_cuda.vendor_forward(x, w, b, activation, 0.2, launch)
+    zrow = b.clone().requires_grad_(True)  # the reference: PyTorch's activation applied to Z itself
+    want = reference(torch.ones(1, 1, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64), zrow,
+                     activation, 0.2)[0]
+    want.backward(torch.ones(4, dtype=torch.float64))
+    # exact at the ties (columns 0, 1); at +-1 the C library's exp/tanh/erf may differ by an ulp
+    torch.testing.assert_close(a[:, :2], want.detach()[:2].expand(3, 2), atol=0, rtol=0)
+    torch.testing.assert_close(a[:, 2:], want.detach()[2:].expand(3, 2), **TOL[torch.float64])
+    saved = {"a": a, "z": z, "none": x.new_empty(0)}[TABLE[activation].saves]
+    _, _, db = cupy_cuda.vendor_backward(torch.ones(3, 4, dtype=torch.float64), saved, x, w, activation, 0.2,
+                                         (False, False, True), launch)
+    torch.testing.assert_close(db[:2], 3 * zrow.grad[:2], atol=0, rtol=0)
+    torch.testing.assert_close(db[2:], 3 * zrow.grad[2:], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("tag", ["f16", "bf16"])
+def test_storage_conversions_round_like_pytorch(builds, tmp_path, tag):
+    # The host side of fl_types.cuh (the GPU uses PTX cvt): float32 -> 16 bits -> float32 equals
+    # PyTorch's conversion bit for bit, over random floats of every magnitude, halfway cases,
+    # subnormals of both formats, infinities and NaN.
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    halfway = (np.arange(1, 5000, dtype=np.uint32) << 13) | (1 << 12)  # f16 ties (exponent range varies)
+    bf_halfway = (np.arange(1, 5000, dtype=np.uint32) << 16) | (1 << 15)
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x00000001, 0x33800000, 0x33000000,
+                        0x387FC000, 0x477FE000, 0x477FF000, 0x7F7FFFFF], dtype=np.uint32)
+    values = np.concatenate([bits, halfway, halfway + (0x30 << 23), bf_halfway, special]).view(np.float32)
+    got = emulator.roundtrip(builds("plain"), str(tmp_path), values, tag)
+    want = torch.from_numpy(values.copy()).to(DTYPES[tag]).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    mismatch = np.flatnonzero(got[~nan].view(np.uint32) != want[~nan].view(np.uint32))
+    assert mismatch.size == 0, f"{mismatch.size} mismatches, e.g. {values[~nan][mismatch[:5]]}"
+
+
+@pytest.mark.parametrize("case", [("vendor", "gelu", torch.float16), ("vendor", "leaky_relu", torch.bfloat16),
+                                  ("own", "silu", torch.float64), ("vendor", "tanh", torch.float32)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_address_and_undefined_behaviour_sanitizers_clean(builds, tmp_path, case):
+    engine, activation, dtype = case
+    run_case(builds("asan"), str(tmp_path), 70, 20, 66, activation, dtype, engine=engine, x_layout="padded",
+             grad_layout="padded")
+    run_case(builds("asan"), str(tmp_path), 1, 1, 1, activation, dtype, engine=engine, bias=False)
 
 
 def test_thread_sanitizer_clean(builds, tmp_path):
     # emulator.run_plan sets TSAN_OPTIONS=halt_on_error=1: any report fails the run, and the test.
-    check(builds("tsan"), str(tmp_path), 70, 20, 66, "silu", torch.float32)
+    run_case(builds("tsan"), str(tmp_path), 70, 20, 66, "silu", torch.float32, engine="own")
+    run_case(builds("tsan"), str(tmp_path), 40, 9, 33, "gelu_tanh", torch.bfloat16)
+
+
+def test_emulated_launch_refuses_a_grid_beyond_cuda_limits(builds, tmp_path):
+    """As a GPU would: grid.y = 65536 fails the launch instead of running a truncated grid."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("buffer db f32 1 -\nbuffer partial f32 1 -\n"
+                    "launch fl_bias_finish_f32 1 65536 1 32 1 1 p:db p:partial i:1 i:1\n")
+    proc = subprocess.run([builds("plain"), str(plan)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "outside CUDA's limits" in proc.stderr
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["with-syncthreads", "missing-syncthreads"])
 def test_thread_sanitizer_catches_a_missing_syncthreads(tmp_path, sync):
     """The harness is only worth something if it sees the bug it exists for."""
-    import subprocess
-
     exe = emulator.compile_emulator(str(tmp_path), "tsan", main="racy_main.cpp",
                                     extra=(f"-DRACY_SYNC={'true' if sync else 'false'}",))
     proc = subprocess.run([exe], capture_output=True, text=True, timeout=300,

@@ -1,110 +1,280 @@
-"""GPU tests (marker ``gpu``): the CuPy backend on a real CUDA device. Skipped cleanly without
-CUDA or without CuPy; benchmarks/gpu_check.sh runs them on a GPU machine."""
+"""GPU tests (marker ``gpu``): the CuPy backend on a real CUDA device; benchmarks/gpu_check.sh runs them.
+
+Skipped without a CUDA device. On a machine with one, every test forces the backend it tests
+(``use_backend("cupy")``) and checks that our kernels were launched, so a machine where CuPy
+cannot run (missing, no NVRTC, a compile error) FAILS here instead of falling back to PyTorch.
+Results are compared with float64 PyTorch on the CPU, never with another fused result. Both
+engines (vendor GEMMs, own GEMM), every float dtype, padded and transposed operands, gradient
+subsets, a non-default stream, autocast, and CUDA-graph capture of a whole training step.
+"""
+
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from conftest import ACTIVATIONS, TOL, check_against_reference, has_cuda_and_cupy, make_inputs
+from conftest import ACTIVATIONS, TOL, make_inputs, reference
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda_and_cupy(), reason="needs a CUDA GPU and CuPy")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3), ((64,), 784, 512),
-          ((300,), 257, 131)]
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+# Against float64: float16/bfloat16 results carry 2-4 roundings to their 11/8-bit significands
+# (Z, A, dZ, each GEMM's output; GEMMs accumulate in float32 with reduced-precision reductions
+# switched off below), |values| = O(1): 1e-2 and 5e-2 leave a 5x margin; float32 (TF32 off) and
+# float64: conftest.TOL.
+TOLS = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=5e-2, rtol=5e-2), **TOL}
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: str(s))
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cupy_matches_pytorch_float64(activation, shape, dtype, bias):
-    lead, k, n = shape
-    x, w, b = make_inputs(lead, k, n, dtype, bias, device="cuda")
+@pytest.fixture(autouse=True)
+def exact_gemms():
+    """TF32 off and full-precision reductions in 16-bit GEMMs, restored afterwards."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = False, False, False
+    yield
+    m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The plans our CUDA executor launched during the test (kernels.cuda.run_plan, wrapped)."""
+    from fusedlinear.kernels import cuda
+
+    seen = []
+    real = cuda.run_plan
+
+    def counting(plan, *args, **kwargs):
+        seen.append(tuple(launch.kernel for launch in plan))
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(cuda, "run_plan", counting)
+    return seen
+
+
+@pytest.fixture(params=["vendor", "own"])
+def engine(request, monkeypatch):
+    """Run the test under each CUDA GEMM engine (as FUSEDLINEAR_CUDA_GEMM would choose)."""
+    from fusedlinear.backend import cupy_cuda
+
+    fwd, bwd = cupy_cuda._ENGINE_FUNCTIONS[request.param]
+    monkeypatch.setattr(cupy_cuda, "_forward", fwd)
+    monkeypatch.setattr(cupy_cuda, "_backward", bwd)
+    return request.param
+
+
+def padded_rows(t):
+    big = torch.full((t.shape[0], t.shape[1] + 5), float("nan"), dtype=t.dtype, device=t.device)
+    big[:, : t.shape[1]] = t
+    return big[:, : t.shape[1]]
+
+
+LAYOUTS = {"contiguous": lambda t: t, "padded": padded_rows, "transposed": lambda t: t.t().contiguous().t()}
+
+
+def check(x, w, b, activation, slope, x_layout="contiguous", w_layout="contiguous", grad_layout="contiguous",
+          needs=(True, True, True)):
+    """fused_linear under use_backend('cupy') vs float64 PyTorch on the CPU: output and every
+    gradient that is asked for (``needs``: which of x, w, b require grad)."""
+    dtype = x.dtype
+    leaves = [t.detach().clone().requires_grad_(need) if t is not None else None for t, need in zip((x, w, b), needs)]
+    refs = [t.detach().double().cpu().requires_grad_(need) if t is not None else None
+            for t, need in zip((x, w, b), needs)]
     with fusedlinear.use_backend("cupy"):
-        check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, activation, 0.2),
-                                x, w, b, activation, 0.2)
+        out = fusedlinear.fused_linear(LAYOUTS[x_layout](leaves[0]), LAYOUTS[w_layout](leaves[1]), leaves[2],
+                                       activation, slope)
+        ref = reference(*refs, activation, slope)
+        torch.testing.assert_close(out.double().cpu(), ref.detach(), **TOLS[dtype], msg=lambda s: f"output: {s}")
+        grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        if ref.requires_grad:
+            out.backward(LAYOUTS[grad_layout](grad.to(dtype=dtype, device="cuda")))
+            ref.backward(grad)
+    for name, got, want in zip(("dX", "dW", "db"), leaves, refs):
+        if want is not None and want.requires_grad:
+            torch.testing.assert_close(got.grad.double().cpu(), want.grad, **TOLS[dtype], msg=lambda s: f"{name}: {s}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 13, 7), ((129,), 130, 3), ((64,), 784, 512), ((300,), 257, 131)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpu_numba_and_gpu_cupy_agree(activation, dtype):
-    x, w, b = make_inputs((97,), 200, 65, dtype, seed=5)
-    outs = {}
-    for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_(True) for t in (x, w, b)]
-        out = fusedlinear.fused_linear(*leaves, activation, 0.1)
-        out.backward(torch.ones_like(out))
-        outs[device] = [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
-    for got, want in zip(outs["cuda"], outs["cpu"]):
-        torch.testing.assert_close(got, want, **TOL[dtype])
+def test_cupy_matches_float64(engine, launches, activation, shape, dtype):
+    lead, k, n = shape
+    x, w, b = make_inputs(lead, k, n, dtype, bias=k != 13 or n != 7, seed=k + n, device="cuda")
+    check(x, w, b, activation, 0.37)
+    if activation != "identity" or b is not None or engine == "own":  # else: no element-wise work at all
+        assert any(k.startswith(("fl_grad_", "fl_gemm_")) for plan in launches for k in plan), launches
 
 
-def test_non_default_stream_and_transposed_input():
-    x, w, b = make_inputs((50,), 40, 30, torch.float32, device="cuda")
-    expected = fusedlinear.fused_linear(x, w, b, "gelu")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("layouts", [("padded", "contiguous", "padded"), ("transposed", "transposed", "transposed"),
+                                     ("contiguous", "padded", "contiguous")], ids="-".join)
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "gelu_tanh"])
+def test_padded_and_transposed_operands(engine, launches, activation, layouts, dtype):
+    x, w, b = make_inputs((67,), 45, 70, dtype, seed=3, device="cuda")
+    check(x, w, b, activation, 2.5, *layouts)
+    assert launches
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, False), (False, True, True)], ids=lambda m: "".join("xwb"[i] for i in range(3) if m[i]))
+@pytest.mark.parametrize("activation", ["relu", "silu", "identity"])
+def test_gradient_subsets(engine, launches, activation, needs):
+    x, w, b = make_inputs((150,), 33, 20, torch.float32, seed=4, device="cuda")
+    check(x, w, b, activation, 0.05, grad_layout="padded", needs=needs)
+    assert launches or (activation == "identity" and engine == "vendor" and not needs[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(launches, activation, dtype):
+    x, w, b = make_inputs((64,), 96, 48, torch.float32, seed=6, device="cuda")
+    lin = nn.Linear(96, 48, device="cuda")
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    with fusedlinear.use_backend("cupy"), torch.autocast("cuda", dtype=dtype):
+        got = fusedlinear.fused_linear(x, lin.weight, lin.bias, activation)
+        want_dtype = lin(x).dtype
+    assert got.dtype == want_dtype == dtype
+    ref = reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), activation)
+    torch.testing.assert_close(got.double().cpu(), ref, **TOLS[dtype])
+    assert launches
+
+
+def test_non_default_stream(launches):
+    x, w, b = make_inputs((500,), 300, 200, torch.float32, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        xt = x.t().contiguous().t()  # column-major: copied to row-major by the backend
-        got = fusedlinear.fused_linear(xt, w, b, "gelu")
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(got, expected)
-
-
-def test_cuda_graph_capture_of_forward():
-    x, w, b = make_inputs((64,), 784, 512, torch.float32, device="cuda")
-    static_x = x.clone()
-    fusedlinear.fused_linear(static_x, w, b, "relu")  # warm-up: compiles the module outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fusedlinear.fused_linear(static_x, w, b, "relu")
-    new_x = torch.randn_like(x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.testing.assert_close(static_out, torch.relu(nn.functional.linear(new_x, w, b)), atol=1e-4, rtol=1e-4)
-
-
-def test_deterministic_repeats():
-    torch.use_deterministic_algorithms(True)
-    try:
-        x, w, b = make_inputs((513,), 300, 257, torch.float32, device="cuda")
-        w.requires_grad_(True)
-        results = []
+    with torch.cuda.stream(stream), fusedlinear.use_backend("cupy"):
+        big = torch.randn(4096, 4096, device="cuda")
         for _ in range(3):
-            w.grad = None
-            out = fusedlinear.fused_linear(x, w, b, "silu")
+            big = big @ big / 64  # keeps the stream busy: a launch on the wrong stream would race
+        got = fusedlinear.fused_linear(x, w, b, "gelu")
+    torch.cuda.current_stream().wait_stream(stream)
+    ref = reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), "gelu")
+    torch.testing.assert_close(got.double().cpu(), ref, **TOL[torch.float32])
+    assert launches
+
+
+def _mnist_models(dtype=torch.float32):
+    from fusedlinear.mnist import NeuralNetwork
+
+    torch.manual_seed(0)
+    ref = NeuralNetwork().double()  # plain PyTorch, float64, CPU
+    fused = fusedlinear.fuse(copy.deepcopy(ref)).to(device="cuda", dtype=dtype)
+    return ref, fused
+
+
+def _sgd_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_cuda_graph_capture_of_a_training_step(launches):
+    """A whole MNIST step (forward, loss, backward, SGD) captured with torch.cuda.graph and
+    replayed on new data; parameters after each replay equal float64 PyTorch's SGD steps."""
+    ref, fused = _mnist_models()
+    opt = torch.optim.SGD(fused.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    static_x = torch.randn(64, 1, 28, 28, generator=g).cuda()
+    static_y = torch.randint(0, 10, (64,), generator=g).cuda()
+    with fusedlinear.use_backend("cupy"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+                _sgd_step(fused, opt, static_x, static_y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = _sgd_step(fused, opt, static_x, static_y)
+    captured = len(launches)
+    assert captured and any(k.startswith("fl_grad_") for plan in launches for k in plan)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), fused.parameters()):
+            p.copy_(q.double().cpu())
+    for step in range(3):
+        x = torch.randn(64, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (64,), generator=g)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        want = _sgd_step(ref, ref_opt, x.double(), y)
+        torch.testing.assert_close(static_loss.double().cpu(), want.detach(), **TOL[torch.float32])
+        for p, q in zip(fused.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.double().cpu(), q.detach(), **TOL[torch.float32], msg=lambda s: f"step {step}: {s}")
+    assert len(launches) == captured  # replays ran the captured kernels, not Python
+
+
+def test_torch_compile_reduce_overhead_training_step(launches):
+    ref, fused = _mnist_models()
+    compiled = torch.compile(fused, mode="reduce-overhead")
+    g = torch.Generator().manual_seed(3)
+    with fusedlinear.use_backend("cupy"):
+        for _ in range(3):  # cudagraph trees record on the later calls
+            x = torch.randn(32, 1, 28, 28, generator=g)
+            out = compiled(x.cuda())
+            out.square().sum().backward()
+            want = ref(x.double())
+            want.square().sum().backward()
+            torch.testing.assert_close(out.double().cpu(), want.detach(), **TOL[torch.float32])
+    for p, q in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, **TOL[torch.float32])
+    assert launches
+
+
+def test_deterministic_repeats(launches):
+    """No atomics: repeated runs are bitwise equal (and correct)."""
+    x, w, b = make_inputs((513,), 300, 257, torch.float32, device="cuda")
+    results = []
+    with fusedlinear.use_backend("cupy"):
+        for _ in range(3):
+            leaf = w.clone().requires_grad_(True)
+            bias = b.clone().requires_grad_(True)
+            out = fusedlinear.fused_linear(x, leaf, bias, "silu")
             out.sum().backward()
-            results.append((out.detach().clone(), w.grad.clone()))
-        assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results)
-    finally:
-        torch.use_deterministic_algorithms(False)
+            results.append((out.detach(), leaf.grad, bias.grad))
+    assert all(all(torch.equal(p, q) for p, q in zip(r, results[0])) for r in results)
+    refs = [t.double().cpu().requires_grad_(True) for t in (w, b)]
+    ref = reference(x.double().cpu(), *refs, "silu")
+    ref.sum().backward()
+    torch.testing.assert_close(results[0][1].double().cpu(), refs[0].grad, **TOL[torch.float32])
+    torch.testing.assert_close(results[0][2].double().cpu(), refs[1].grad, **TOL[torch.float32])
+    assert launches
 
 
-def test_mnist_model_trains_on_gpu():
+def test_mnist_model_trains_on_gpu(launches):
     from fusedlinear import mnist, train
 
     data = mnist.load_bundled()
-    cfg = train.TrainConfig(epochs=3, device="cuda")
-    model, summary = train.run_training(data, cfg, progress=False)
+    with fusedlinear.use_backend("cupy"):
+        model, summary = train.run_training(data, train.TrainConfig(epochs=3, device="cuda"), progress=False)
     assert summary["backend"] == "cupy"
     assert summary["test_accuracy"] > 0.94
+    assert launches
 
 
-def test_fused_sequential_chain_on_gpu_matches_cpu():
-    import copy
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fused_sequential_chain_matches_float64(launches, dtype):
     torch.manual_seed(0)
-    cpu = fusedlinear.fuse(nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17), nn.GELU(),
-                                         nn.Linear(17, 5))).double()
-    gpu = copy.deepcopy(cpu).cuda()
+    ref = nn.Sequential(nn.Linear(33, 65), nn.ReLU(), nn.Linear(65, 17), nn.GELU(), nn.Linear(17, 5)).double()
+    gpu = fusedlinear.fuse(copy.deepcopy(ref)).to(device="cuda", dtype=dtype)
     x = torch.randn(19, 33, dtype=torch.float64)
-    outs = []
-    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
-        out = model(x.to(device))
+    with fusedlinear.use_backend("cupy"):
+        out = gpu(x.to(device="cuda", dtype=dtype))
         out.square().sum().backward()
-        outs.append(out.cpu())
-    torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float64])
-    for p, q in zip(gpu.parameters(), cpu.parameters()):
-        torch.testing.assert_close(p.grad.cpu(), q.grad, **TOL[torch.float64])
+    want = ref(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(out.double().cpu(), want.detach(), **TOL[dtype])
+    for p, q in zip(gpu.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, **TOL[dtype])
+    assert launches

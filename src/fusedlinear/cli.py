@@ -203,13 +203,21 @@ def cmd_info(args) -> int:
     print("devices:")
     for d in devices:
         name = "CPU" if d == "cpu" else torch.cuda.get_device_name(int(d.split(":")[1]))
-        chosen = {dt: _safe_select(backend, d, dt) for dt in (torch.float32, torch.float64, torch.bfloat16)}
+        chosen = {dt: _safe_select(backend, d, dt) for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
         print(f"  {d:8s} {name}: " + ", ".join(f"{str(dt).replace('torch.', '')} -> {b}" for dt, b in chosen.items()))
     print("backends:")
     for name, status in backend.available().items():
         print(f"  {name:6s} {status}")
     forced = os.environ.get(backend.ENV_VAR)
     print(f"forced backend ({backend.ENV_VAR}): {forced or 'none'}")
+    try:
+        from .backend import cupy_cuda
+
+        engine = cupy_cuda.engine()
+    except ValueError as exc:
+        engine = f"error: {exc}"
+    print(f"CUDA GEMM engine (FUSEDLINEAR_CUDA_GEMM): {engine}  (vendor: PyTorch's cuBLAS GEMMs + fused element-wise "
+          f"kernels; own: fused SIMT GEMM, float32/float64), TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}")
     from .backend import numba_cpu
     from .kernels import tiling as numba_tiling
 

@@ -1,25 +1,42 @@
-// driver.cpp — executes a launch plan of fusedlinear.kernels.cuda on the CPU through emu.h.
+// driver.cpp — executes launch plans of fusedlinear.kernels.cuda on the CPU through emu.h.
 //
 // Plan file, one directive a line:
-//   buffer NAME f32|f64 COUNT PATH|-      load COUNT elements from PATH (- = zeros)
-//   launch KERNEL GX GY GZ BX BY BZ ARG…  ARG: p:NAME | p:- (null) | i:INT | n:INT | t:REAL
-//   output NAME PATH                      write the buffer to PATH after all launches
-// KERNEL is the name expression the CuPy launcher uses, spaces removed: fl_gemm<float,false,true>.
+//   buffer NAME f16|bf16|f32|f64 COUNT PATH|-   load COUNT elements from PATH (- = zeros)
+//   alias NAME OTHER                          NAME is the same memory as buffer OTHER (in place)
+//   launch KERNEL GX GY GZ BX BY BZ ARG...    ARG: p:NAME | p:- (null) | i:INT | d:REAL
+//   output NAME PATH                          write the buffer to PATH after all launches
+//   roundtrip f16|bf16 COUNT IN OUT           float32 -> storage type -> float32 (conversion test)
+// KERNEL is the extern "C" name the CuPy launcher fetches. Each buffer is its own heap block, so
+// ASan sees any access outside it; a pointer argument's element size must match its buffer's.
 #include "emu.h"
-#include KERNEL_SOURCE
+#include "fl_elementwise.cu"
+#include "fused_linear.cu"
 
-#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 
 struct Buffer {
     std::vector<unsigned char> bytes;
+    size_t elem = 0;
 };
 
-static std::map<std::string, Buffer> buffers;
+static std::map<std::string, std::shared_ptr<Buffer>> buffers;
+
+static size_t elem_size(const std::string& tag)
+{
+    if (tag == "f16" || tag == "bf16")
+        return 2;
+    if (tag == "f32")
+        return 4;
+    if (tag == "f64")
+        return 8;
+    std::fprintf(stderr, "unknown dtype %s\n", tag.c_str());
+    std::exit(2);
+}
 
 struct Args {
     std::vector<std::string> tokens;
@@ -42,69 +59,100 @@ struct Args {
             std::fprintf(stderr, "unknown buffer %s\n", name.c_str());
             std::exit(2);
         }
-        return reinterpret_cast<T*>(it->second.bytes.data());
+        if (it->second->elem != sizeof(T)) {
+            std::fprintf(stderr, "buffer %s has %zu-byte elements, the kernel takes %zu\n", name.c_str(),
+                         it->second->elem, sizeof(T));
+            std::exit(2);
+        }
+        return reinterpret_cast<T*>(it->second->bytes.data());
     }
     long long i64() { return std::stoll(next('i')); }
-    int n() { return std::stoi(next('n')); }
-    double t() { return std::stod(next('t')); }
+    double f64() { return std::stod(next('d')); }
+    void done()
+    {
+        if (at != tokens.size()) {
+            std::fprintf(stderr, "%zu arguments, the kernel takes %zu\n", tokens.size(), at);
+            std::exit(2);
+        }
+    }
 };
 
 using Runner = std::function<void(dim3, dim3, Args&)>;
 
-template <class T, bool TA, bool TB> static Runner gemm()
-{
-    return [](dim3 g, dim3 b, Args& a) {
-        T *C = a.ptr<T>(), *Z = a.ptr<T>(), *A = a.ptr<T>(), *B = a.ptr<T>(), *bias = a.ptr<T>();
-        long long M = a.i64(), N = a.i64(), K = a.i64(), lda = a.i64(), ldb = a.i64(), ldc = a.i64();
-        int act = a.n();
-        T slope = (T)a.t();
-        emu_launch(g, b, [=] { fl_gemm<T, TA, TB>(C, Z, A, B, bias, M, N, K, lda, ldb, ldc, act, slope); });
-    };
-}
-
-template <class T> static Runner grad_z()
-{
-    return [](dim3 g, dim3 b, Args& a) {
-        T *dz = a.ptr<T>(), *da = a.ptr<T>(), *saved = a.ptr<T>();
-        long long count = a.i64();
-        int act = a.n();
-        T slope = (T)a.t();
-        emu_launch(g, b, [=] { fl_grad_z<T>(dz, da, saved, count, act, slope); });
-    };
-}
-
-template <class T> static Runner column_sum()
-{
-    return [](dim3 g, dim3 b, Args& a) {
-        T *out = a.ptr<T>(), *x = a.ptr<T>();
-        long long M = a.i64(), N = a.i64(), rows = a.i64();
-        emu_launch(g, b, [=] { fl_column_sum<T>(out, x, M, N, rows); });
-    };
-}
-
-#ifdef EXTRA_KERNELS
-EXTRA_KERNELS
-#endif
-
 static std::map<std::string, Runner> runners()
 {
     std::map<std::string, Runner> r;
-#ifndef NO_FUSED_LINEAR_KERNELS
-    r["fl_gemm<float,false,true>"] = gemm<float, false, true>();
-    r["fl_gemm<float,false,false>"] = gemm<float, false, false>();
-    r["fl_gemm<float,true,false>"] = gemm<float, true, false>();
-    r["fl_gemm<double,false,true>"] = gemm<double, false, true>();
-    r["fl_gemm<double,false,false>"] = gemm<double, false, false>();
-    r["fl_gemm<double,true,false>"] = gemm<double, true, false>();
-    r["fl_grad_z<float>"] = grad_z<float>();
-    r["fl_grad_z<double>"] = grad_z<double>();
-    r["fl_column_sum<float>"] = column_sum<float>();
-    r["fl_column_sum<double>"] = column_sum<double>();
-#endif
-#ifdef EXTRA_RUNNERS
-    EXTRA_RUNNERS
-#endif
+#define EMU_EW(ID, NAME, S, TAG)                                                                   \
+    r["fl_act_forward_" #NAME "_" #TAG] = [](dim3 g, dim3 b, Args& a) {                            \
+        S* out = a.ptr<S>();                                                                       \
+        const S* z = a.ptr<S>();                                                                   \
+        long long count = a.i64();                                                                 \
+        double slope = a.f64();                                                                    \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_act_forward_##NAME##_##TAG(out, z, count, slope); });            \
+    };                                                                                             \
+    r["fl_grad_" #NAME "_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                   \
+        S* dz = a.ptr<S>();                                                                        \
+        auto* partial = a.ptr<fl_num<S>::C>();                                                     \
+        S* db = a.ptr<S>();                                                                        \
+        const S* da = a.ptr<S>();                                                                  \
+        const S* saved = a.ptr<S>();                                                               \
+        long long M = a.i64(), N = a.i64(), ldda = a.i64(), rows = a.i64();                        \
+        double slope = a.f64();                                                                    \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_grad_##NAME##_##TAG(dz, partial, db, da, saved, M, N, ldda, rows, slope); }); \
+    };
+    FL_ELEMENTWISE_INSTANCES(EMU_EW)
+#define EMU_FINISH(S, TAG)                                                                         \
+    r["fl_bias_finish_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                      \
+        S* db = a.ptr<S>();                                                                        \
+        const auto* partial = a.ptr<fl_num<S>::C>();                                               \
+        long long chunks = a.i64(), N = a.i64();                                                   \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_bias_finish_##TAG(db, partial, chunks, N); });                   \
+    };
+    FL_DTYPE_INSTANCES(EMU_FINISH)
+#define EMU_GEMM_FORWARD(ID, NAME, T, TAG)                                                         \
+    r["fl_gemm_forward_" #NAME "_" #TAG] = [](dim3 g, dim3 b, Args& a) {                           \
+        T *C = a.ptr<T>(), *Z = a.ptr<T>();                                                        \
+        const T *A = a.ptr<T>(), *B = a.ptr<T>(), *bias = a.ptr<T>();                              \
+        long long M = a.i64(), N = a.i64(), K = a.i64(), lda = a.i64(), ldb = a.i64(), ldc = a.i64(); \
+        double slope = a.f64();                                                                    \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_gemm_forward_##NAME##_##TAG(C, Z, A, B, bias, M, N, K, lda, ldb, ldc, slope); }); \
+    };
+    FL_GEMM_FORWARD_INSTANCES(EMU_GEMM_FORWARD)
+#define EMU_GEMM_PLAIN(T, TAG)                                                                     \
+    r["fl_gemm_nn_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                          \
+        T* C = a.ptr<T>();                                                                         \
+        const T *A = a.ptr<T>(), *B = a.ptr<T>();                                                  \
+        long long M = a.i64(), N = a.i64(), K = a.i64(), lda = a.i64(), ldb = a.i64(), ldc = a.i64(); \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_gemm_nn_##TAG(C, A, B, M, N, K, lda, ldb, ldc); });              \
+    };                                                                                             \
+    r["fl_gemm_tn_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                          \
+        T* C = a.ptr<T>();                                                                         \
+        const T *A = a.ptr<T>(), *B = a.ptr<T>();                                                  \
+        long long M = a.i64(), N = a.i64(), K = a.i64(), lda = a.i64(), ldb = a.i64(), ldc = a.i64(); \
+        a.done();                                                                                  \
+        emu_launch(g, b, [=] { fl_gemm_tn_##TAG(C, A, B, M, N, K, lda, ldb, ldc); });              \
+    };
+    FL_GEMM_PLAIN_INSTANCES(EMU_GEMM_PLAIN)
     return r;
+}
+
+static int roundtrip(const std::string& tag, size_t count, const std::string& in, const std::string& out)
+{
+    std::vector<float> v(count);
+    std::ifstream f(in, std::ios::binary);
+    f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)(count * sizeof(float)));
+    if (!f)
+        return 2;
+    for (auto& x : v)
+        x = tag == "f16" ? fl_half_to_float(fl_float_to_half(x)) : fl_bf16_to_float(fl_float_to_bf16(x));
+    std::ofstream o(out, std::ios::binary);
+    o.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)(count * sizeof(float)));
+    return 0;
 }
 
 int main(int argc, char** argv)
@@ -124,17 +172,22 @@ int main(int argc, char** argv)
             std::string name, dtype, path;
             size_t count;
             in >> name >> dtype >> count >> path;
-            Buffer buf;
-            buf.bytes.assign(count * (dtype == "f32" ? 4 : 8), 0);
+            auto buf = std::make_shared<Buffer>();
+            buf->elem = elem_size(dtype);
+            buf->bytes.assign(count * buf->elem, 0);
             if (path != "-") {
                 std::ifstream f(path, std::ios::binary);
-                f.read(reinterpret_cast<char*>(buf.bytes.data()), (std::streamsize)buf.bytes.size());
+                f.read(reinterpret_cast<char*>(buf->bytes.data()), (std::streamsize)buf->bytes.size());
                 if (!f) {
                     std::fprintf(stderr, "short read of %s\n", path.c_str());
                     return 2;
                 }
             }
-            buffers[name] = std::move(buf);
+            buffers[name] = buf;
+        } else if (directive == "alias") {
+            std::string name, other;
+            in >> name >> other;
+            buffers[name] = buffers.at(other);
         } else if (directive == "launch") {
             std::string kernel;
             dim3 g, b;
@@ -153,8 +206,14 @@ int main(int argc, char** argv)
             std::string name, path;
             in >> name >> path;
             std::ofstream f(path, std::ios::binary);
-            auto& bytes = buffers.at(name).bytes;
+            auto& bytes = buffers.at(name)->bytes;
             f.write(reinterpret_cast<const char*>(bytes.data()), (std::streamsize)bytes.size());
+        } else if (directive == "roundtrip") {
+            std::string tag, src, dst;
+            size_t count;
+            in >> tag >> count >> src >> dst;
+            if (int rc = roundtrip(tag, count, src, dst))
+                return rc;
         }
     }
     return 0;

@@ -8,6 +8,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -31,10 +32,18 @@ inline thread_local std::barrier<>* emu_block_barrier = nullptr;
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
-// Launch `kernel` (a callable running one thread's work) over grid x block.
+// Launch `kernel` (a callable running one thread's work) over grid x block. A grid or block
+// outside CUDA's limits fails here as the launch would on a GPU (exit status 3).
 template <class Kernel>
 void emu_launch(dim3 grid, dim3 block, Kernel kernel)
 {
+    const unsigned long long block_threads = 1ull * block.x * block.y * block.z;
+    if (grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535 ||
+        block_threads < 1 || block_threads > 1024) {
+        std::fprintf(stderr, "launch outside CUDA's limits: grid (%u, %u, %u), block (%u, %u, %u)\n", grid.x, grid.y,
+                     grid.z, block.x, block.y, block.z);
+        std::exit(3);
+    }
     blockDim = block;
     gridDim = grid;
     const unsigned threads = block.x * block.y * block.z;
