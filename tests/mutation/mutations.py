@@ -9,6 +9,9 @@ run with -x) and ``bug`` (the plausible mistake it models). When the code change
 
 T_PARITY = "tests/test_parity.py"
 T_EMU = "tests/test_cuda_emulation.py"
+T_LIFE = "tests/test_lifetimes.py"
+T_AUTOGRAD = "tests/test_autograd_behaviour.py"
+T_FUSE = "tests/test_fuse_graph.py"
 
 MUTATIONS = [
     # ---- kernels/activations.py: the activation table (CPU and CUDA kernels and backend torch) ----
@@ -56,31 +59,35 @@ MUTATIONS = [
     # ---- kernels/tiling.py: CUDA launch shapes ----
     dict(id="tiling-gemm-grid-rows", file="kernels/tiling.py",
          old="-(-m // CUDA_TILE_M)", new="m // CUDA_TILE_M",
-         tests=[T_EMU, "-k", "emulated"],
+         tests=[T_EMU, "-k", "own_engine and f32 and relu and not leaky"],
          bug="GEMM grid rounds the row blocks down: the last partial tile of rows is never computed"),
     dict(id="tiling-columns-grid", file="kernels/tiling.py",
-         old="return (-(-n // CUDA_EW_THREADS), 1, 1), (CUDA_EW_THREADS, 1, 1)",
-         new="return (n // CUDA_EW_THREADS, 1, 1), (CUDA_EW_THREADS, 1, 1)",
-         tests=[T_EMU, "-k", "emulated"],
-         bug="db's column grid rounds down: the last partial block of columns is never summed"),
+         old="return (-(-n // threads), chunks, 1), (threads, 1, 1), rows, chunks",
+         new="return (n // threads, chunks, 1), (threads, 1, 1), rows, chunks",
+         tests=[T_EMU, "-k", "tiny_and_wide and 1x5x300"],
+         bug="the dZ + db pass's column grid rounds down: the last partial block of columns is never computed"),
     # ---- kernels/cuda.py: CUDA launch plans ----
     dict(id="cuda-forward-ld-swap", file="kernels/cuda.py",
          old='("i64", ldx), ("i64", ldw), ("i64", n),', new='("i64", ldw), ("i64", ldx), ("i64", n),',
-         tests=[T_EMU, "tests/test_gpu.py"],
-         bug="forward launch passes W's leading dimension for X's and X's for W's (equal unless padded)"),
+         tests=[T_EMU, "-k", "own_engine and f32 and relu and not leaky"],
+         bug="own-engine forward launch passes W's leading dimension for X's and X's for W's (equal unless padded)"),
     dict(id="cuda-column-sum-chunk", file="kernels/cuda.py",
-         old='("i64", m), ("i64", n), ("i64", COLUMN_SUM_ROWS))))', new='("i64", m), ("i64", n), ("i64", COLUMN_SUM_ROWS // 2))))',
-         tests=[T_EMU, "-k", "emulated"],
-         bug="db's first pass sums chunks of a different size than the grid assumes: rows left out"),
+         old='("i64", ld_da), ("i64", rows),', new='("i64", ld_da), ("i64", rows - 1),',
+         tests=[T_EMU, "-k", "vendor_engine and f32 and relu and not leaky"],
+         bug="the dZ + db pass walks chunks of a different size than its grid assumes: the last rows left out"),
     dict(id="cuda-dw-transpose", file="kernels/cuda.py",
-         old="plan.append(Launch(gemm_name(dtype, True, False)", new="plan.append(Launch(gemm_name(dtype, False, False)",
-         tests=[T_EMU, "-k", "emulated"],
+         old="plan.append(Launch(\"gemm\", gemm_name(dtype, True)", new="plan.append(Launch(\"gemm\", gemm_name(dtype, False)",
+         tests=[T_EMU, "-k", "own_engine and f32 and relu and not leaky"],
          bug="dW = dZ X instead of dZᵀ X: the transpose flag of the dW launch dropped"),
-    # ---- kernels/fused_linear.cu: CUDA source ----
-    dict(id="cu-column-sum-bound", file="kernels/fused_linear.cu",
+    # ---- kernels/fl_elementwise.cu: CUDA source (element-wise kernels of both engines) ----
+    dict(id="cu-column-sum-bound", file="kernels/fl_elementwise.cu",
          old="const i64 end = begin + rows < M ? begin + rows : M;", new="const i64 end = begin + rows;",
-         tests=[T_EMU, "-k", "emulated or sanitizers"],
-         bug="db's last row chunk reads past M (no bound on the last chunk)"),
+         tests=[T_EMU, "-k", "vendor_engine and f32 and relu and not leaky"],
+         bug="the dZ + db pass's last row chunk reads and writes past M (no bound on the last chunk)"),
+    dict(id="cu-bias-finish-bound", file="kernels/fl_elementwise.cu",
+         old="for (i64 c = 0; c < chunks; ++c)", new="for (i64 c = 0; c + 1 < chunks; ++c)",
+         tests=[T_EMU, "-k", "vendor_engine and f32 and relu and not leaky"],
+         bug="the vendor engine's db finishing sum stops one partial sum short (off-by-one bound)"),
     # ---- backend/layout.py: how tensors reach the kernels ----
     dict(id="layout-row-padding", file="backend/layout.py",
          old="return t, max(s0 if rows > 1 else cols, cols, 1), False", new="return t, cols, False",
@@ -96,17 +103,22 @@ MUTATIONS = [
          tests=[T_PARITY, "-k", "other_strides"],
          bug="the plan cache key ignores X's strides: a plan for one layout serves another"),
     dict(id="plan-keeps-a-copy", file="backend/numba_cpu.py",
-         old="if plan[2]:", new="if True:",
+         old="if plan is not None and plan.kept:", new="if plan is not None:",
          tests=[T_PARITY, "-k", "copied"],
          bug="a plan pointing into a per-call copy of a strided weight is cached: later calls read stale values"),
+    dict(id="plan-drops-its-copy", file="backend/numba_cpu.py",
+         old="return Plan(tuple(launches), keeps_z, tuple(t for t in made if t is not w and t is not b), kept)",
+         new="return Plan(tuple(launches), keeps_z, (), kept)",
+         tests=[T_LIFE, "-k", "column_strided or strided_bias or evicted"],
+         bug="lifetime: a plan does not own the copy (or zero bias) its addresses point into: the kernel reads freed memory"),
     dict(id="backend-db-mask", file="backend/numba_cpu.py",
          old="mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))", new="mask = (bool(mask[0]), bool(mask[1]), bool(mask[1]))",
          tests=[T_PARITY, "-k", "requires_grad_subsets"],
          bug="db computed when dW is asked for instead of when db is (copy-paste in the mask)"),
     # ---- backend/__init__.py: dispatch ----
     dict(id="use-backend-restore", file="backend/__init__.py",
-         old="            _forced = previous", new="            _forced = None",
-         tests=[T_PARITY, "-k", "nests"],
+         old="_forced = _stack[-1][1] if _stack else None", new="_forced = None",
+         tests=["tests/test_dispatch.py", "-k", "nests"],
          bug="leaving a nested use_backend block forgets the outer block's choice"),
     dict(id="dispatch-key-dtype", file="backend/__init__.py",
          old="key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)",
@@ -115,7 +127,8 @@ MUTATIONS = [
          bug="the dispatch cache ignores the dtype: after a float32 call, bfloat16 goes to the float kernels"),
     # ---- torch_ext/ops.py: saved tensors, masks, chains ----
     dict(id="fn-saves-a", file="torch_ext/ops.py",
-         old="ctx.save_for_backward(input, weight, _kept(activation, a, z))", new="ctx.save_for_backward(input, weight, a)",
+         old="ctx.save_for_backward(input, weight, bias, _kept(activation, a, z))",
+         new="ctx.save_for_backward(input, weight, bias, a)",
          tests=[T_PARITY, "-k", "gradcheck"],
          bug="backward always gets A, even for activations whose derivative needs Z (gelu, silu, leaky_relu)"),
     dict(id="chain-saves-a", file="torch_ext/ops.py",
@@ -126,9 +139,18 @@ MUTATIONS = [
          old="earlier = needs[0] or any(needs[2:2 + i])", new="earlier = needs[0]",
          tests=["tests/test_chain.py", "-k", "requires_grad_subsets or matches_pytorch"],
          bug="a chain stops backward at the input when the input needs no gradient, leaving earlier layers without one"),
-    # ---- torch_ext/modules.py: fuse ----
-    dict(id="fuse-leaky-slope", file="torch_ext/modules.py",
-         old='{"negative_slope": act.negative_slope}', new="{}",
-         tests=["tests/test_modules.py"],
-         bug="fuse drops nn.LeakyReLU's negative_slope (the fused layer uses the default 0.01)"),
+    dict(id="double-backward-no-graph", file="torch_ext/ops.py",
+         old="            if torch.is_grad_enabled():  # create_graph: g'(Z) from Z recomputed with a graph in X, W, b",
+         new="            if False:  # create_graph: g'(Z) from Z recomputed with a graph in X, W, b",
+         tests=[T_AUTOGRAD, "-k", "second_derivatives_equal and gelu"],
+         bug="create_graph=True backward uses the detached saved A/Z: second derivatives through g'(Z) are lost"),
+    # ---- torch_ext/fuse.py: the fx-based fuse ----
+    dict(id="fuse-leaky-slope", file="torch_ext/fuse.py",
+         old='(_layers.FusedLinearLeakyReLU, {"negative_slope": slope})', new="(_layers.FusedLinearLeakyReLU, {})",
+         tests=[T_FUSE, "-k", "every_activation_form and leaky"],
+         bug="fuse drops the LeakyReLU's negative_slope (the fused layer uses the default 0.01)"),
+    dict(id="fuse-active-dropout", file="torch_ext/fuse.py",
+         old="spec[0] not in _COMMUTE_WITH_DROPOUT and drop.training:", new="spec[0] not in _COMMUTE_WITH_DROPOUT and not drop.training:",
+         tests=[T_FUSE, "-k", "dropout_between"],
+         bug="fuse checks the wrong mode: an active (training, p > 0) dropout before a non-commuting activation is fused over"),
 ]

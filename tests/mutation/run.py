@@ -13,6 +13,7 @@ compiled kernels can never hide it; the others share one cache of the unmutated 
 trees are built at one path, so its entries match byte-identical kernel files). A mutation whose ``old`` text is not found exactly once fails
 the whole run before anything runs: the list must follow the code.
 
+Every pytest run has MALLOC_PERTURB_=165 (glibc overwrites freed memory, so a lifetime bug shows).
 First the unmutated copy runs every selected test (all must pass: a kill means nothing otherwise;
 --no-baseline skips it). Exit status 0 only if every mutation is killed.
 """
@@ -89,6 +90,7 @@ def environment(site: str, cache: str) -> dict:
     env["PYTHONPATH"] = site + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["NUMBA_CACHE_DIR"] = cache
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["MALLOC_PERTURB_"] = "165"  # glibc fills freed memory with garbage: a use-after-free reads it (as .ci/run)
     return env
 
 
