@@ -104,10 +104,19 @@ def _slope(P):
 
 # ---- the kernels' bodies; ``epilogue``/``grad``: one activation's element-wise loops --------
 
+def _own_name(body, loops):
+    """``body`` compiled under a name of its kernel's own. Numba names a compiled function after its
+    module, qualified name and a counter that restarts in every process, so one activation's body
+    compiled in one process and another's compiled in another process got the same symbol; loaded
+    side by side from the disk cache, the first linked ran for both (another activation's values).
+    The body is named after its loops' generated module, whose name carries the kernel's digest."""
+    body.__qualname__ = f"{body.__name__}__{loops.py_func.__module__}"
+    return njit(body)
+
+
 def forward_body(epilogue):
     """The forward kernel for one activation: ``body(params address, a zero of the dtype)``."""
 
-    @njit
     def forward(data, zero):
         """A = g(X Wᵀ + b) over this thread's output tiles; BLAS writes Z into ``src`` (Z's buffer
         when the activation keeps Z, else A itself), the epilogue adds b and applies g in place."""
@@ -136,13 +145,12 @@ def forward_body(epilogue):
             if stage != 1:
                 epilogue(src, a, bias, r0, r1, c0, c1, slope)
 
-    return forward
+    return _own_name(forward, epilogue)
 
 
 def backward_columns_body(grad):
     """Backward phase 1 for one activation: ``body(params address, a zero of the dtype)``."""
 
-    @njit
     def backward_columns(data, zero):
         """Per block of columns: dZ = dA ⊙ g'(saved); db = Σ_rows dZ; dW = dZᵀ X."""
         P = _params(data)
@@ -187,7 +195,7 @@ def backward_columns_body(grad):
                      P[P_X], P[P_LDX], tx,
                      P[P_DW] + c0 * K * item, K)
 
-    return backward_columns
+    return _own_name(backward_columns, grad)
 
 
 @njit

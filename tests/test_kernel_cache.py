@@ -19,25 +19,28 @@ import torch
 import fusedlinear
 from fusedlinear.kernels import activations
 
-activation, dtype, scale = sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3])
+activations_run, dtype, scale = sys.argv[1].split(","), getattr(torch, sys.argv[2]), float(sys.argv[3])
 if scale != 1.0:  # an upgrade that changes relu's formulas (before any kernel is loaded)
     new = dataclasses.replace(activations.ACTIVATIONS["relu"], forward=f"where(z <= 0.0, 0.0, z * {scale})",
                               backward=f"where(a <= 0.0, 0.0, da * {scale})")
     activations._TABLE = tuple(new if a.name == "relu" else a for a in activations._TABLE)
     activations.ACTIVATIONS["relu"] = new
 
-torch.manual_seed(0)
-x = torch.randn(37, 29, dtype=torch.float64, requires_grad=True)
-w = torch.randn(23, 29, dtype=torch.float64, requires_grad=True)
-b = torch.randn(23, dtype=torch.float64, requires_grad=True)
-g = torch.randn(37, 23, dtype=torch.float64)
-leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
-out = fusedlinear.fused_linear(*leaves, activation)
-out.backward(g.to(dtype))
-reference = {"relu": torch.relu, "tanh": torch.tanh}[activation](x @ w.T + b) * scale
-reference.backward(g)
-diff = max(float((got - want).abs().max()) for got, want in
-           zip([out] + [t.grad for t in leaves], [reference, x.grad, w.grad, b.grad]))
+diff = 0.0
+for activation in activations_run:  # several: their kernels are linked side by side in this process
+    torch.manual_seed(0)
+    x = torch.randn(37, 29, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(23, 29, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(23, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(37, 23, dtype=torch.float64)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+    out = fusedlinear.fused_linear(*leaves, activation)
+    out.backward(g.to(dtype))
+    act = {"relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[activation]
+    reference = act(x @ w.T + b) * (scale if activation == "relu" else 1.0)
+    reference.backward(g)
+    diff = max([diff] + [float((got - want).abs().max()) for got, want in
+                         zip([out] + [t.grad for t in leaves], [reference, x.grad, w.grad, b.grad])])
 print(json.dumps({"diff": diff}))
 if sys.argv[4] == "report":
     from fusedlinear.kernels import cpu
@@ -99,6 +102,19 @@ def test_only_the_kernels_a_call_needs_are_compiled_and_the_message_says_so_once
     assert warm["diff"] == cold["diff"]  # the very same kernels
     assert "fusedlinear: compiling" not in warm_err
     assert len(_index_files(tmp_path)) == 3
+
+
+@pytest.mark.slow
+def test_kernels_compiled_in_different_processes_keep_their_own_activation(tmp_path):
+    """Kernels compiled in separate processes, then loaded side by side from the cache in a third,
+    each run their own activation. (Numba names a compiled function with a per-process counter:
+    two activations' bodies compiled in two processes once got one symbol, and the first one
+    linked ran for both — relu gave gelu's values.)"""
+    for activation in ("gelu", "relu", "tanh"):
+        alone, _ = _run(tmp_path, activation)
+        assert alone["diff"] < TOL, activation
+    together, _ = _run(tmp_path, "gelu,relu,tanh")
+    assert together["diff"] < TOL, together
 
 
 def test_train_loads_the_models_kernels_before_its_first_step():
