@@ -4,6 +4,7 @@ the number of fused pairs, and unfuse back to the original classes."""
 
 import copy
 import io
+import random
 
 import pytest
 import torch
@@ -507,3 +508,153 @@ def test_fuse_twice_changes_nothing_more():
     assert len(report.fused) == 0
     assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
     assert_same(model, twice, torch.randn(4, 11, dtype=F64))
+
+
+# ---- layers with their own forward, forwards with Python-level behaviour -----------------------
+
+
+class Scaled(fusedlinear.FusedLinearReLU):
+    """A fused layer whose class overrides forward: must be called as a module, never chained."""
+
+    def forward(self, x):
+        return super().forward(x) * 10
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scaled, self.fc, self.out = Scaled(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(self.scaled(x))))
+
+
+def test_a_fused_layer_subclass_with_its_own_forward_is_called_as_a_module():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=F64)
+    fs = FusedSequential(Scaled(6, 6), fusedlinear.FusedLinearReLU(6, 3)).double()
+    assert_same(nn.Sequential(*fs), fs, x)
+    seq = nn.Sequential(Scaled(6, 6), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    assert_same(seq, fusedlinear.fuse(seq), x)
+    net = ScaledNet().double()
+    fused, report = fusedlinear.fuse(net, report=True)
+    assert report.rewritten == ["(model)"] and report.chains == [["fc", "out"]], str(report)
+    assert_same(net, fused, x)
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, draw):
+        super().__init__()
+        self.fc, self.draw = nn.Linear(6, 6), draw
+
+    def forward(self, x):
+        if self.draw() < 0.5:
+            return x
+        return F.relu(self.fc(x))
+
+
+_CALLS = [0]
+
+
+def _every_other_call():
+    _CALLS[0] += 1
+    return _CALLS[0] % 2
+
+
+@pytest.mark.parametrize("draw", [random.random, lambda: float(torch.rand(())), _every_other_call],
+                         ids=["random", "torch.rand", "global-counter"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_forward_drawing_random_numbers_is_not_frozen(draw, seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = StochasticDepth(draw).double()
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert type(fused) is StochasticDepth and type(fused.fc) is nn.Linear and not report.fused, str(report)
+    assert "(model)" in report.untraceable, str(report)
+    assert ("random" in report.untraceable["(model)"] if draw is not _every_other_call
+            else "two different graphs" in report.untraceable["(model)"]), str(report)
+    x = torch.randn(4, 6, dtype=F64)
+    for call in range(6):  # both branches, the same draws for both models
+        outs = []
+        for m in (model, fused):
+            random.seed(call)
+            torch.manual_seed(call)
+            _CALLS[0] = call
+            outs.append(m(x))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # same module, same code: exact
+
+
+def test_fuse_leaves_the_rng_streams_as_they_were():
+    model = StochasticDepth(random.random)
+    random.seed(3)
+    torch.manual_seed(3)
+    fusedlinear.fuse(model)
+    after = random.random(), torch.rand(())
+    random.seed(3)
+    torch.manual_seed(3)
+    assert after == (random.random(), torch.rand(()))
+
+
+class Stash(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out, self.n = nn.Linear(6, 6), nn.Linear(6, 2), 0
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        self.last_hidden = h
+        return self.out(h)
+
+
+class Counter(Stash):
+    def forward(self, x):
+        self.n += 1
+        return self.out(F.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("cls, attribute", [(Stash, "last_hidden"), (Counter, "n")])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_forward_setting_attributes_is_not_rewritten(cls, attribute, inplace):
+    torch.manual_seed(0)
+    model = cls().double()
+    reference = copy.deepcopy(model)
+    fused, report = fusedlinear.fuse(model, inplace=inplace, report=True)
+    assert type(fused) is cls and type(fused.fc) is nn.Linear and not report.fused, str(report)
+    assert f"{cls.__name__}.{attribute}" in report.untraceable["(model)"], str(report)
+    assert vars(fused).keys() == vars(reference).keys() and fused.n == 0  # tracing set nothing, no Proxy left
+    x = torch.randn(3, 6, dtype=F64)
+    assert_same(reference, fused, x)
+    assert fused.n == reference.n and (attribute == "n" or torch.equal(fused.last_hidden, reference.last_hidden))
+
+
+_SKIP = {"on": False}
+
+
+class Switch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x if _SKIP["on"] else F.relu(self.fc(x))
+
+
+def test_a_forward_tracing_otherwise_when_installed_is_left_unchanged(monkeypatch):
+    """Between planning and installing, the forward's graph changes (a global flag flips): fuse
+    leaves the module as it was and says why, instead of a KeyError or a half-applied plan."""
+    import importlib
+    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse")
+    original = fuse_module._rewritten_class
+
+    def flip_then_build(*args):
+        _SKIP["on"] = True
+        return original(*args)
+
+    monkeypatch.setattr(fuse_module, "_rewritten_class", flip_then_build)
+    monkeypatch.setitem(_SKIP, "on", False)
+    model = Switch().double()
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert type(fused) is Switch and type(fused.fc) is nn.Linear and not report.fused, str(report)
+    assert "another graph" in report.untraceable["(model)"], str(report)
+    _SKIP["on"] = False
+    assert_same(model, fused, torch.randn(3, 6, dtype=F64))

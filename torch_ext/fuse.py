@@ -11,7 +11,10 @@ graph that calls it, is such a pair with the same activation. A module whose for
 traced (data-dependent control flow, ...) and PyTorch's own modules with children
 (``nn.TransformerEncoderLayer``, ...) are opaque: the Linear layers they call directly are left
 alone, their children are read in their own graphs. Each module is traced in train and in eval
-mode; a forward that reads ``self.training`` gets one graph per mode.
+mode; a forward that reads ``self.training`` gets one graph per mode. A forward is not read as a
+graph (the report says why) where tracing it sets attributes on modules (``self.n += 1``,
+``self.last = h``; put back as they were), draws random numbers (``random``, ``torch.rand``:
+stochastic depth; the generators' states are put back), or gives another graph when traced again.
 
 How it changes a model, keeping the module tree and every ``state_dict`` key:
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +47,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from . import modules as _layers
-from .modules import FusedActivation, FusedLinear, FusedSequential, chain_call
+from .modules import FusedActivation, FusedLinear, FusedSequential, _chainable, chain_call
 
 # ---------------------------------------------------------------------------------------------
 # Which calls are activations: (activation, negative_slope) or None, from the call's arguments.
@@ -169,20 +173,67 @@ class _OwnForward(torch.fx.Tracer):
         return True
 
 
+class _Refused(Exception):
+    """A forward fuse will not replace by its graph; the message says why."""
+
+
+def _state(module: nn.Module) -> list:
+    """What a forward could set on ``module`` or its submodules while traced: each one's attributes."""
+    return [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if k in ("_parameters", "_buffers", "_modules")})
+            for m in module.modules()]
+
+
+def _changed(before: list) -> list:
+    """The ``name.attribute`` set since ``before`` (restored to what it was)."""
+    found = []
+    for m, attrs, tables in before:
+        now = m.__dict__
+        diff = {k for k in attrs.keys() | now.keys() if k not in attrs or k not in now or now[k] is not attrs[k]}
+        diff |= {k for k, table in tables.items() if now.get(k) is attrs.get(k) and dict(now[k]) != table}
+        if diff:
+            found += [f"{type(m).__name__}.{k}" for k in sorted(diff)]
+            now.clear()
+            now.update(attrs)
+            for k, table in tables.items():
+                attrs[k].clear()
+                attrs[k].update(table)
+    return found
+
+
 def _trace(module: nn.Module, training: bool) -> torch.fx.Graph:
-    """The graph of ``module``'s forward with ``module.training`` set to ``training`` (restored)."""
+    """The graph of ``module``'s forward with ``module.training`` set to ``training`` (restored).
+    Raises :class:`_Refused` where the forward sets attributes on modules (put back as they were)
+    or draws random numbers (``random``, torch's CPU generator; their states are put back): a
+    graph would freeze what tracing did once."""
     was = module.training
     object.__setattr__(module, "training", training)  # this module only; children are not run
+    before, rng, torch_rng = _state(module), random.getstate(), torch.random.get_rng_state()
     try:
-        return _OwnForward().trace(module)
+        graph = _OwnForward().trace(module)
     finally:
+        set_attrs = _changed(before)
+        drew = random.getstate() != rng or not torch.equal(torch.random.get_rng_state(), torch_rng)
+        random.setstate(rng)
+        torch.random.set_rng_state(torch_rng)
         object.__setattr__(module, "training", was)
+    if set_attrs:
+        raise _Refused(f"its forward sets {', '.join(set_attrs)} when called, which a graph would not do")
+    if drew:
+        raise _Refused("its forward draws random numbers in Python (random/torch.rand...), which a graph "
+                       "would freeze to one outcome")
+    return graph
 
 
 def _graphs(module: nn.Module) -> dict:
     """``{True: train graph, False: eval graph}`` (one object when both read the same), or raises
-    what tracing raised."""
-    train, evaluate = _trace(module, True), _trace(module, False)
+    what tracing raised; :class:`_Refused` where tracing one mode twice gives two graphs."""
+    by_mode = {}
+    for training in (True, False):  # each mode twice in a row: a forward alternating between calls differs
+        by_mode[training] = _trace(module, training)
+        if str(_trace(module, training)) != str(by_mode[training]):
+            raise _Refused("tracing its forward twice gave two different graphs (it depends on something "
+                           "besides its arguments and children)")
+    train, evaluate = by_mode[True], by_mode[False]
     if train.python_code("self").src == evaluate.python_code("self").src:
         evaluate = train
     return {True: train, False: evaluate}
@@ -326,6 +377,10 @@ def _erase(graph: torch.fx.Graph, erased) -> None:
     """Remove the activation calls named in ``erased`` ((activation node, its input node) names)."""
     nodes = {n.name: n for n in graph.nodes}
     for act, source in erased:
+        if act not in nodes or source not in nodes or nodes[act].args[:1] != (nodes[source],):
+            raise _Refused(f"tracing its forward again gave a graph without the call {act}({source}) that fuse "
+                           f"planned to remove")
+    for act, source in erased:
         nodes[act].replace_all_uses_with(nodes[source])
         graph.erase_node(nodes[act])
     graph.lint()
@@ -339,8 +394,7 @@ def _chain_runs(graph: torch.fx.Graph, module: nn.Module) -> list:
     def layer(node):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return False
-        m = module.get_submodule(node.target)
-        return isinstance(m, FusedLinear) or type(m) is nn.Linear
+        return _chainable(module.get_submodule(node.target))
 
     runs, seen = [], set()
     for node in list(graph.nodes):
@@ -401,16 +455,20 @@ def _rewritten_class(base: type, erased: dict) -> type:
     })
 
 
-def _install(cls: type, module: nn.Module) -> None:
-    """Build ``cls.forward`` from ``module``'s (still ``base``-classed) graphs."""
+def _install(cls: type, module: nn.Module, expected: dict | None = None) -> None:
+    """Build ``cls.forward`` from ``module``'s (still ``base``-classed) graphs; raises
+    :class:`_Refused` (``module`` and ``cls`` unchanged) where they are not the graphs planned
+    (``expected``: ``{training: graph}``) or lack a call to remove."""
     graphs = _graphs(module)
+    if expected is not None and any(str(graphs[t]) != str(expected[t]) for t in (True, False)):
+        raise _Refused("tracing its forward again gave another graph than the one fuse planned with")
     fns = {}
     for training in (True, False):
         if training is False and graphs[False] is graphs[True]:
             fns[False] = fns[True]
             continue
         _erase(graphs[training], cls._fusedlinear_erased[training])
-        cls._fusedlinear_chains = _chain_runs(graphs[training], module)
+        chains = _chain_runs(graphs[training], module)
         fns[training] = _compile(graphs[training])
     names = list(inspect.signature(cls._fusedlinear_base.forward).parameters)[1:]
     args = ", ".join(names)
@@ -424,7 +482,7 @@ def _install(cls: type, module: nn.Module) -> None:
     forward = scope["forward"]
     forward.__doc__ = cls._fusedlinear_base.forward.__doc__
     forward.__wrapped__ = cls._fusedlinear_base.forward  # inspect.signature shows the user's
-    cls.forward = forward
+    cls.forward, cls._fusedlinear_chains = forward, chains
 
 
 def _rebuild(base: type, erased: dict, state: dict) -> nn.Module:
@@ -475,8 +533,10 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     return (model, summary) if report else model
 
 
-def _plan(model: nn.Module):
-    """Everything fuse will do to ``model``, as a list of assignments that cannot fail, and the report."""
+def _plan(model: nn.Module, refused: dict | None = None):
+    """Everything fuse will do to ``model``, as a list of assignments that cannot fail, and the report;
+    ``refused``: ``{id(module): why}`` for forwards found not to be rewritable while building a plan."""
+    refused = refused or {}
     paths, parents = {}, {}
     for name, module in model.named_modules():
         paths[id(module)] = name
@@ -485,6 +545,7 @@ def _plan(model: nn.Module):
                 parents.setdefault(id(child), []).append((module, child_name))
     modules = {id(m): m for m in model.modules()}
     summary = FuseReport()
+    summary.untraceable.update({_path(paths[i]): f"forward not rewritten: {why}" for i, why in refused.items()})
 
     # 1. trace every module that has children and its own forward
     graphs, unread = {}, {}  # id -> {training: graph}; id -> why not read
@@ -496,6 +557,9 @@ def _plan(model: nn.Module):
             try:
                 graphs[id(module)] = _graphs(module)
                 continue
+            except _Refused as error:
+                why = f"forward not read as a graph: {error}"
+                summary.untraceable[_path(paths[id(module)])] = why
             except Exception as error:  # noqa: BLE001 - tracing runs user code on proxies; any failure
                 # means "cannot be read as a graph", which the report says with the error
                 why = f"untraceable forward ({type(error).__name__}: {str(error).strip().splitlines()[0][:160]})"
@@ -571,7 +635,7 @@ def _plan(model: nn.Module):
         swappable -= {id(p.act_module) for p in live if id(p.caller) in needs_rewrite and p.act_module is not None}
         dropped = False
         for p in live:
-            why = _rewritable(p.caller) if id(p.caller) in needs_rewrite else None
+            why = (refused.get(id(p.caller)) or _rewritable(p.caller)) if id(p.caller) in needs_rewrite else None
             linear = p.caller.get_submodule(p.linear_node.target)
             if why is not None and id(linear) in chosen:
                 del chosen[id(linear)]
@@ -605,7 +669,10 @@ def _plan(model: nn.Module):
                                                                       is not graphs[caller_id][True] else True)]
                   for training in (True, False)}
         cls = _rewritten_class(type(caller), erased)
-        _install(cls, caller)
+        try:
+            _install(cls, caller, graphs[caller_id])
+        except _Refused as error:  # plan again without rewriting it: nothing has changed yet
+            return _plan(model, {**refused, caller_id: str(error)})
         plan.append(lambda caller=caller, cls=cls: setattr(caller, "__class__", cls))
         summary.rewritten.append(_path(paths[caller_id]))
         summary.chains += [[f"{paths[caller_id]}.{t}".lstrip(".") for t in run] for run in cls._fusedlinear_chains]

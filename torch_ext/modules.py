@@ -202,6 +202,12 @@ def _global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
+def _chainable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer a fused_chain may stand for: ``nn.Linear`` itself or a fused layer
+    whose class keeps ``FusedLinear.forward`` (a subclass overriding ``forward`` is called as a module)."""
+    return type(module) is nn.Linear or (isinstance(module, FusedLinear) and type(module).forward is FusedLinear.forward)
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -226,7 +232,7 @@ class FusedSequential(nn.Sequential):
             if not _hooked(module):
                 if type(module) is nn.Identity or type(module) is FusedActivation:
                     continue
-                if isinstance(module, FusedLinear) or type(module) is nn.Linear:
+                if _chainable(module):
                     run.append(module)
                     continue
             input = _run(run, input)
@@ -255,8 +261,7 @@ def chain_call(input, *layers):
     """``layers`` (fused layers and plain ``nn.Linear``) called one after another on ``input``, as
     one :func:`fused_chain` call where that gives the same as calling them: what a forward that
     :func:`fusedlinear.fuse` rewrote calls for each run of layers in its graph."""
-    if _global_hooks() or not all((isinstance(m, FusedLinear) or type(m) is nn.Linear) and not _hooked(m)
-                                  for m in layers):
+    if _global_hooks() or not all(_chainable(m) and not _hooked(m) for m in layers):
         for layer in layers:
             input = layer(input)
         return input
