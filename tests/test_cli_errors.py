@@ -30,6 +30,15 @@ CASES = [
     ({}, ["train", "--data-dir", "/nonexistent/dir"], "--data-dir /nonexistent/dir is not a directory"),
     ({}, ["train", "--save", "/nonexistent-dir/model.pt"], "directory /nonexistent-dir does not exist; create it first"),
     ({}, ["train", "--json", "/"], "'/' is a directory; give a file name in it"),
+    # Root may write anywhere but /proc: the real write up front fails there, before any training.
+    ({}, ["train", "--save", "/proc/x.pt", "--epochs", "1"], "'/proc/x.pt' cannot be written here"),
+    ({}, ["train", "--json", "/proc/x.json", "--epochs", "1"], "'/proc/x.json' cannot be written here"),
+    ({}, ["train", "--plot", "/proc/x.png", "--epochs", "1"], "'/proc/x.png' cannot be written here"),
+    ({}, ["bench", "layer", "--csv", "/proc/x.csv"], "'/proc/x.csv' cannot be written here"),
+    ({"FUSEDLINEAR_BACKEND": "cupy"}, ["train", "--device", "cpu", "--epochs", "1"],
+     "FUSEDLINEAR_BACKEND=cupy cannot run on --device cpu tensors; unset it or use numba/torch"),
+    ({}, ["train", "--seed", "99999999999999999999"], "'99999999999999999999' is out of range; use a seed from 0 to 2**63 - 1"),
+    ({}, ["train", "--seed", "-1"], "'-1' is out of range"),
     ({}, ["train", "--device", "mps"], "--device mps: only cpu and cuda are supported"),
     ({}, ["train", "--device", "tpu:0"], "--device 'tpu:0' is not a device name (try cpu or cuda)"),
     ({}, ["train", "--compare", "--nproc", "2"], "--compare runs in one process: drop --nproc"),
@@ -68,3 +77,13 @@ def test_unwritable_save_path_is_refused_before_training(tmp_path):
         locked.chmod(0o700)
     assert out.returncode == 2 and "cannot be written here; choose a writable path" in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+def test_forced_cpu_backend_refuses_cuda_device(monkeypatch):
+    """FUSEDLINEAR_BACKEND=numba with --device cuda (no GPU here to reach it through the CLI)."""
+    from fusedlinear import cli
+
+    monkeypatch.setenv("FUSEDLINEAR_BACKEND", "numba")
+    with pytest.raises(cli.UsageError, match=r"^FUSEDLINEAR_BACKEND=numba cannot run on --device cuda tensors; "
+                                             r"unset it or use cupy/torch$"):
+        cli._check_forced_backend("cuda")

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedlinear
-from fusedlinear import FusedLinear, fused_linear
+from fusedlinear import FusedLinear, fused_chain, fused_linear
 from fusedlinear.torch_ext import FusedChainFunction
 
 X, W, B = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
@@ -33,6 +33,16 @@ CASES = [
     ("unknown backend", lambda: fusedlinear.use_backend("triton").__enter__(), ValueError, r"unknown backend 'triton'.*numba, cupy, torch"),
     ("backend for device", lambda: _with_backend("cupy", lambda: fused_linear(X, W, B)), RuntimeError, r"backend 'cupy' runs cuda tensors"),
     ("GELU approximate", lambda: fusedlinear.FusedLinearGELU(3, 5, approximate="fast"), ValueError, r"approximate must be"),
+    ("chain layer of 3", lambda: fused_chain(X, [(W, B, "relu")]), TypeError,
+     r"layer 0 is a tuple of 3 items; layers must be \[\(weight, bias or None, activation, negative_slope\), \.\.\.\]"),
+    ("chain later layer", lambda: fused_chain(X, [(W, B, "relu", 0.0), None]), TypeError, r"layer 1 is NoneType; layers must be \["),
+    ("chain bare tuple", lambda: fused_chain(X, (W, B, "relu", 0.0)), TypeError,
+     r"layer 0 is a tensor of shape \(5, 3\) \(a bare tuple\? wrap one layer in a list"),
+    # PyTorch refuses these layouts in F.linear: the message itself (not only a note) names the layout and the fix.
+    ("sparse weight", lambda: fused_linear(X, W.to_sparse(), B), RuntimeError,
+     r"^fusedlinear: weight is layout torch.sparse_coo.*weight.to_dense\(\)"),
+    ("sparse bias", lambda: fused_linear(X, W, B.to_sparse()), RuntimeError,
+     r"^fusedlinear: bias is layout torch.sparse_coo.*bias.to_dense\(\)"),
     ("from_linear type", lambda: fusedlinear.FusedLinearReLU.from_linear(torch.nn.Conv1d(1, 1, 1)), TypeError, r"nn.Linear"),
 ]
 
@@ -139,3 +149,13 @@ def test_slope_must_be_a_number(slope, pattern):
     for call in (lambda: fused_linear(X, W, B, "leaky_relu", slope), lambda: _APPLY(X, W, B, "leaky_relu", slope)):
         with pytest.raises(TypeError, match=pattern):
             call()
+
+
+@pytest.mark.parametrize("to_sparse", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr], ids=["coo", "csr"])
+def test_sparse_layouts_torch_computes_equal_the_dense_result(to_sparse):
+    """Where PyTorch computes a sparse input or CSR weight, the result is the dense one."""
+    x, w, b = (t.double() for t in (X, W, B))
+    want = torch.relu(torch.nn.functional.linear(x, w, b))
+    for got in (fused_linear(to_sparse(x), w, b), fused_linear(x, to_sparse(w), b) if to_sparse is torch.Tensor.to_sparse_csr else None):
+        if got is not None:
+            torch.testing.assert_close(got.to_dense(), want, rtol=1e-12, atol=1e-12)  # float64, one small product: rounding only

@@ -347,15 +347,18 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
 def _plain_layers(input, layers):
     """The layers as plain torch ops (``act(F.linear(h, W, b))``), so a functorch transform, a
     sparse, mkldnn or nested tensor gets what ``nn.Linear`` + activation gives; where torch itself
-    cannot run a layout, its error gets a note naming the layout and the fix."""
+    cannot run a layout, its error names the layout and the fix."""
     for weight, bias, activation, slope in layers:
         try:
             input = _reference.layer(input, weight, bias, activation, slope)
         except (RuntimeError, NotImplementedError) as exc:
-            for label, t in (("input", input), ("weight", weight), ("bias", bias)):
-                if _not_strided(t):
-                    exc.add_note(f"fusedlinear: plain torch ops ran this layer because {_layout_fix(label, t)}")
-            raise
+            fixes = [_layout_fix(label, t) for label, t in (("input", input), ("weight", weight), ("bias", bias))
+                     if _not_strided(t)]
+            if not fixes:
+                raise
+            # In the message itself (str(exc), one-line logs), not only a note a traceback shows.
+            raise type(exc)(f"fusedlinear: {'; '.join(fixes)} (plain torch ops ran this layer and "
+                            f"PyTorch refused: {exc})") from exc
     return input
 
 
@@ -469,11 +472,23 @@ def fused_chain(input, layers):
     return _chain(input, layers)
 
 
+def _bad_layer(n, layer) -> TypeError:
+    given = (f"a tensor of shape {tuple(layer.shape)} (a bare tuple? wrap one layer in a list: [(w, b, 'relu', 0.0)])"
+             if isinstance(layer, torch.Tensor) else
+             f"a {type(layer).__name__} of {len(layer)} items" if hasattr(layer, "__len__") else _name(layer))
+    return TypeError(f"fused_chain: layer {n} is {given}; layers must be "
+                     f"[(weight, bias or None, activation, negative_slope), ...]")
+
+
 def _chain(input, layers, rows=False):
     """fused_chain and FusedChainFunction.apply: validate each layer, then one FusedChainFunction
     node (or plain torch ops layer by layer, where :func:`_prepare` says so)."""
     spec, params, features, plain = [], [], None, False
-    for n, (weight, bias, activation, slope) in enumerate(layers):
+    for n, layer in enumerate(layers):
+        try:
+            weight, bias, activation, slope = layer
+        except (TypeError, ValueError):  # only a malformed layer pays for the message
+            raise _bad_layer(n, layer) from None
         if rows or not _valid(input, weight, bias, activation, slope, features):
             # Autocast casts each layer's tensors; the input, cast once, is checked with layer 0.
             x, weight, bias, special = _prepare(input, weight, bias, activation, slope, features,

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 
 import torch
 
@@ -53,9 +54,26 @@ def writable_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name in it")
     if not os.path.isdir(directory):
         raise argparse.ArgumentTypeError(f"{text!r}: directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+    if os.path.exists(text) and not os.access(text, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r} cannot be written here; choose a writable path")
+    try:  # a real write, as the save will do (os.access says yes to root on /proc and read-only mounts)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fusedlinear-check-"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written here ({exc.strerror}); "
+                                         f"choose a writable path") from None
     return text
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed that torch.manual_seed takes (0 <= seed < 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; use a seed from 0 to 2**63 - 1")
+    return value
 
 
 def _check_environment() -> None:
@@ -84,7 +102,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam", help="default adam (sgd: momentum 0.9)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="initialisation and shuffling seed (default 0)")
     p.add_argument("--shift", type=int, default=2,
                    help="shift each training image by up to this many pixels at random (default 2; 0: off)")
     p.add_argument("--data-dir", default=None,
@@ -113,10 +131,22 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _check_forced_backend(device: str) -> None:
+    """FUSEDLINEAR_BACKEND must run the training's tensors (float32 on ``device``), before training."""
+    from . import backend
+
+    forced, dev = backend.forced_backend(), torch.device(device)
+    if forced is not None and not backend._runs(forced, dev, torch.float32):
+        fits = [name for name in backend.BACKENDS if backend._runs(name, dev, torch.float32)]
+        raise UsageError(f"{backend.ENV_VAR}={forced} cannot run on --device {device} tensors; "
+                         f"unset it or use {'/'.join(fits)}")
+
+
 def cmd_train(args) -> int:
     from . import mnist, train
 
     device = _check_device(args.device or _default_device())
+    _check_forced_backend(device)
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     if args.compare and args.save:
