@@ -146,11 +146,11 @@ def test_fuse_refuses_what_is_not_a_module():
 
 @pytest.mark.parametrize("build,pattern", [
     # a fused layer last in its Sequential: no nn.Identity to take the activation back
-    (lambda: nn.Sequential(nn.Linear(3, 3), fusedlinear.FusedLinearSigmoid(3, 2)), r"'1' \(sigmoid\) has no nn.Identity"),
+    (lambda: nn.Sequential(nn.Linear(3, 3), fusedlinear.FusedLinearSigmoid(3, 2)), r"fused layer 1 \(sigmoid\) has no nn.Identity after it"),
     # followed by something other than the nn.Identity that fuse leaves
-    (lambda: nn.Sequential(fusedlinear.FusedLinearReLU(3, 3), nn.Dropout(), nn.Linear(3, 2)), r"'0' \(relu\)"),
+    (lambda: nn.Sequential(fusedlinear.FusedLinearReLU(3, 3), nn.Dropout(), nn.Linear(3, 2)), r"fused layer 0 \(relu\) has no nn.Identity after it"),
     # a fused layer that is not inside any nn.Sequential
-    (lambda: _Holder(fusedlinear.FusedLinearTanh(3, 2)), r"fused layer 'layer' is not inside an nn.Sequential"),
+    (lambda: _Holder(fusedlinear.FusedLinearTanh(3, 2)), r"fused layer layer \(tanh\) has no nn.Identity after it in an nn.Sequential"),
 ], ids=["last", "not-identity", "outside-sequential"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 def test_unfuse_refuses_what_it_cannot_undo_and_changes_nothing(build, pattern, inplace):
