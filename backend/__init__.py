@@ -268,9 +268,6 @@ def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleTy
     return module
 
 
-for_call = route  # the name before route() took every routing rule
-
-
 def forward(x, w, b, activation: str, slope: float):
     return route(x, w, b).forward(x, w, b, activation, slope)
 
@@ -284,4 +281,4 @@ def available() -> dict[str, str]:
     return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
-__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "route", "for_call", "forward", "backward", "available"]
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "route", "forward", "backward", "available"]
