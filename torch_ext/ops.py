@@ -88,6 +88,7 @@ for _key, _forward, _backward_impl in (("CPU", _linear_act, _linear_act_backward
                                        ("CompositeExplicitAutograd", _linear_act_plain, _linear_act_backward_plain)):
     _lib.impl("linear_act", _forward, _key)
     _lib.impl("linear_act_backward", _backward_impl, _key)
+del _key, _forward, _backward_impl
 
 
 @torch.library.register_fake("fusedlinear::linear_act", lib=_lib)
@@ -273,7 +274,7 @@ def _autocast(input, weight, bias):
 def _prepare(input, weight, bias, activation, negative_slope, features=None, where=""):
     """The slow path of ``fused_linear``/``fused_chain``: apply autocast, validate (:func:`_check`),
     and ask :func:`fusedlinear.backend.route` whether the call runs as plain torch ops (a layout no
-    kernel takes, a dtype or device without kernels, a zero-sized dimension).
+    kernel takes: sparse, mkldnn, nested) or goes to the fused op.
     Returns (input, weight, bias, plain)."""
     if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
         input, weight, bias = _autocast(input, weight, bias)
