@@ -14,11 +14,11 @@ CuPy is not installed or sees no GPU, fall back to ``"torch"`` with a one-time w
 is exact and free there. ``use_backend(name)`` or the environment variable
 ``FUSEDLINEAR_BACKEND`` force one backend; a forced backend that cannot run the tensor raises.
 
-Layouts: the kernels take strided tensors with storage only. Sparse COO/CSR inputs or weights
-run through ``"torch"`` (whose ops take them, exactly); other layouts (mkldnn, nested, CSC/BSR...)
-raise an error naming the layout and the fix (``x.to_dense()``); tensors without storage
-(``vmap``'s batched tensors) run through ``"torch"``. No backend is ever given an address that
-does not outlive the kernel call: see the lifetime rule in :mod:`fusedlinear.backend.numba_cpu`.
+Every rule above, and every other reason a call runs through ``"torch"`` (layouts, empty tensors,
+sizes over BLAS's 32-bit ints, create_graph backward), is one table in :func:`route`. vmap's
+batched tensors never reach a backend: the ops' registered vmap rules compute them with torch
+ops. No backend is ever given an address that does not outlive the kernel call: see the lifetime
+rule in :mod:`fusedlinear.backend.numba_cpu`.
 
 Every backend implements the same two functions (shapes: X (M, K), W (N, K), b (N,))::
 
@@ -206,18 +206,52 @@ def implementation(name: str) -> ModuleType:
 _chosen: dict[tuple, ModuleType] = {}  # (forced, device type, dtype) -> a kernel module select() chose
 
 
-_has_storage = torch._C._has_storage  # False for sparse, mkldnn and vmap's batched tensors
 # Layouts the torch backend computes exactly (F.linear and the matrix products of backward take them).
 TORCH_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
 
 
-def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
-    """The backend module that runs a call on input ``x`` and weight ``w`` (its ``forward`` and
-    ``backward``); a chain of layers asks once for all of them."""
+def _dense(t) -> bool:
+    return t.layout is torch.strided and not t.is_nested
+
+
+def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleType | None:
+    """The backend module that runs a fused call on input ``x`` (M, K), weight ``w`` (N, K), bias
+    ``b`` (N,): the one place the route is decided. The first row that holds wins::
+
+        #  condition                                          runs
+        1  graph: a backward with create_graph=True           "torch" (differentiable torch ops)
+        2  a tensor not dense-strided (sparse, mkldnn,        "torch" (plain torch ops): with ``front``
+           nested)                                            any layout, else sparse COO/CSR only;
+                                                              other layouts: TypeError naming the fix
+        3  a zero-sized dimension                             "torch" (nothing for a kernel to do)
+        4  use_backend(name) / FUSEDLINEAR_BACKEND            that backend (RuntimeError if it cannot)
+        5  the device's backend cannot run here (no CuPy)     "torch", warned once
+        6  a dtype its kernels lack (e.g. bfloat16 on CPU)    "torch", warned once
+        7  a size or stride over the backend's SIZE_MAX       "torch", warned once
+           (numba: BLAS's 32-bit ints)
+        8  otherwise                                          "numba" (CPU), "cupy" (CUDA)
+
+    Who asks: ``fused_linear``/``fused_chain`` on their slow path (``front=True``: rows 1-2 only,
+    "torch" meaning the whole call runs as plain torch ops, None that it goes to the fused op;
+    the rest is decided where the tensors are real, not traced), the CPU and CUDA implementations
+    of the ``fusedlinear::linear_act*`` ops, and the autograd backward (``graph``). Not routed
+    here, because the dispatcher routes them: autocast (cast at the entry, as ``F.linear`` is),
+    ``torch.func``/``vmap``/forward-mode AD (rules registered on the op and its Function).
+    """
+    if graph:
+        return implementation("torch")
+    if not (_dense(x) and _dense(w) and (b is None or _dense(b))):
+        if not front:
+            for label, t in (("input", x), ("weight", w)):
+                if not (_dense(t) or t.layout in TORCH_LAYOUTS):
+                    layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+                    raise TypeError(f"fusedlinear: the {label} is a {layout} tensor; fused layers take dense "
+                                    f"(strided) tensors and sparse COO/CSR ones: convert it with {label}.to_dense()")
+        return implementation("torch")
+    if front:
+        return None  # the call goes to the fused op, whose CPU/CUDA implementation asks again
     if x.numel() == 0 or w.numel() == 0:
-        return implementation("torch")  # a zero-sized dimension: nothing for a kernel to do
-    if not (_has_storage(x) and _has_storage(w)):  # (nested tensors stop earlier: they have no .shape)
-        return _without_storage(x, w)
+        return implementation("torch")
     key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
     module = _chosen.get(key)
     if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached
@@ -225,27 +259,21 @@ def for_call(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
         module = implementation(name)
         if name != "torch" or key[0]:
             _chosen[key] = module
+    limit = getattr(module, "SIZE_MAX", None)
+    if limit is not None and max(*x.shape, *w.shape, *x.stride(), *w.stride()) > limit:
+        _warn_once(("too large", module.__name__),
+                   f"fusedlinear: a dimension exceeds {module.__name__.rsplit('.', 1)[-1]}'s limit ({limit}, BLAS's "
+                   f"32-bit ints); such calls run through plain PyTorch ops (backend 'torch')")
+        return implementation("torch")
     return module
 
 
-def _without_storage(x: torch.Tensor, w: torch.Tensor) -> ModuleType:
-    """A call with a tensor that has no data pointer for a kernel: the torch backend, when its
-    ops take the layout (sparse COO/CSR) or the tensor is a strided wrapper (vmap's batched
-    tensors); otherwise an error naming the layout and the fix."""
-    for label, t in (("input", x), ("weight", w)):
-        if t.is_nested or not (t.layout in TORCH_LAYOUTS or t.layout is torch.strided):
-            layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
-            raise TypeError(f"fusedlinear: the {label} is a {layout} tensor; fused layers take dense (strided) "
-                            f"tensors and sparse COO/CSR ones: convert it with {label}.to_dense()")
-    return implementation("torch")
-
-
 def forward(x, w, b, activation: str, slope: float):
-    return for_call(x, w).forward(x, w, b, activation, slope)
+    return route(x, w, b).forward(x, w, b, activation, slope)
 
 
 def backward(grad, saved, x, w, activation: str, slope: float, mask):
-    return for_call(x, w).backward(grad, saved, x, w, activation, slope, mask)
+    return route(x, w).backward(grad, saved, x, w, activation, slope, mask)
 
 
 def available() -> dict[str, str]:
@@ -253,4 +281,4 @@ def available() -> dict[str, str]:
     return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
-__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "for_call", "forward", "backward", "available"]
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "route", "forward", "backward", "available"]

@@ -62,11 +62,6 @@ def engine() -> str:
     return ENGINE
 
 
-# The current stream's cudaStream_t as an int without building a torch.cuda.Stream object per call
-# (what Inductor's generated code calls; not timed here: no GPU); absent from CPU-only builds.
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
 def gpu_launch(plan, buffers: dict, device: torch.device) -> None:
     """Run ``plan`` on ``buffers`` (name -> tensor on ``device``) on PyTorch's current stream there."""
     if not plan:
@@ -76,7 +71,7 @@ def gpu_launch(plan, buffers: dict, device: torch.device) -> None:
         raise RuntimeError(f"fusedlinear backend 'cupy': {reason}; or use use_backend('torch')")
     pointers = {name: t.data_ptr() for name, t in buffers.items()}
     index = device.index
-    stream = _raw_stream(index) if _raw_stream else torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream  # public API (a private raw-stream call broke across releases)
     if index == torch.cuda.current_device():
         _cuda.run_plan(plan, pointers, index, stream)
     else:

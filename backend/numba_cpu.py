@@ -13,14 +13,14 @@ What this layer does for the kernels:
   caller's own W and b, whose addresses are then part of the plan's key (the call holds them).
   Plans are immutable; evicting one only drops the cache's reference, so a call (on any thread)
   that holds it runs on. Tensors without a data pointer (sparse, mkldnn, vmap's batched tensors)
-  never get here (``fusedlinear.backend.for_call``) or are handed to the torch backend here.
+  never get here: ``fusedlinear.backend.route`` sends them to the torch backend.
 * **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
   one thread) — or, when that OpenBLAS runs only its AVX2 kernels (e.g. OPENBLAS_CORETYPE=Haswell),
   into PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
   ``MKL_Set_Num_Threads_Local``, the per-thread setting) below CPU_OPENBLAS_MIN_ROWS rows; each
   measured fastest in its range (kernels/tiling.py). ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces
   one; with MKL forced, large batches use whole-matrix multi-threaded MKL calls instead of tiles
-  (``_whole``). BLAS takes 32-bit sizes: larger dimensions run through the torch backend.
+  (``_whole``). BLAS takes 32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
 * **Launch plans.** What a call's parameter blocks hold that does not change from step to step
   (sizes, tiles, BLAS, W's and b's addresses) is worked out once per call signature and kept
   (at most ``_MAX_PLANS``, the oldest evicted first); a call fills in only its input's and
@@ -55,7 +55,6 @@ from . import FORK
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
-_has_storage = torch._C._has_storage  # False for tensors without a data pointer (sparse, mkldnn, batched)
 
 
 def _kernels():
@@ -180,7 +179,7 @@ def _warn_fork_once():
                       "torch.set_num_threads(1) in workers or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
 
 
-BLAS_INT_MAX = 2**31 - 1  # BLAS (LP64) takes sizes and leading dimensions as 32-bit ints
+SIZE_MAX = 2**31 - 1  # BLAS (LP64) takes sizes and leading dimensions as 32-bit ints (backend.route checks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,7 +237,7 @@ def _plan(x, w, b, activation, slope, mask) -> Plan | None:
     p = list(_template(x.dtype, "mkl" if mkl else "openblas"))
     _, ldx, tx = matrix_operand(x)
     wk, ldw, tw = matrix_operand(w)
-    if max(m, n, k, ldx, ldw) > BLAS_INT_MAX:
+    if max(m, n, k, ldx, ldw) > SIZE_MAX:
         return None
     p[slots.P_LDX], p[slots.P_TX] = ldx, tx
     p[slots.P_W], p[slots.P_LDW], p[slots.P_TW] = wk.data_ptr(), ldw, tw
@@ -304,19 +303,10 @@ def _cached_plan(x, w, b, activation, slope, mask) -> Plan | None:
     return plan
 
 
-def _reference():
-    from . import reference
-
-    return reference
-
-
 def forward(x, w, b, activation, slope):
     """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
-    if b is not None and not _has_storage(b):  # a sparse bias: no address to hand over
-        return _reference().forward(x, w, b, activation, slope)
     plan = _cached_plan(x, w, b, activation, slope, None)  # held until the kernels have returned
-    if plan is None:
-        return _too_large().forward(x, w, b, activation, slope)
+    assert plan is not None, "backend.route sends sizes over SIZE_MAX to the torch backend"
     (m, k), n = x.shape, w.shape[0]
     xk = matrix_operand(x)[0]
     a = x.new_empty((m, n))
@@ -330,12 +320,9 @@ def forward(x, w, b, activation, slope):
 
 def backward(grad, saved, x, w, activation, slope, mask):
     """dX, dW, db (each empty where ``mask`` says not needed) from dA and the saved A or Z."""
-    if not _has_storage(grad):  # batched gradients (vmap of backward, e.g. jacobian(vectorize=True))
-        return _reference().backward(grad, saved, x, w, activation, slope, mask)
     mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))
     plan = _cached_plan(x, w, None, activation, slope, mask)  # held until the kernels have returned
-    if plan is None:
-        return _too_large().backward(grad, saved, x, w, activation, slope, mask)
+    assert plan is not None, "backend.route sends sizes over SIZE_MAX to the torch backend"
     (m, k), n = x.shape, w.shape[0]
     xk = matrix_operand(x)[0]
     grad = grad.contiguous()
@@ -351,19 +338,6 @@ def backward(grad, saved, x, w, activation, slope, mask):
                                      db.data_ptr() if mask[2] else 0)
         _launch(address, call, p, parallel)
     return dx, dw, db
-
-
-def _too_large():
-    """The torch backend, for a problem whose sizes exceed BLAS's 32-bit ints (warned once)."""
-    global _large_warned
-    if not _large_warned:
-        _large_warned = True
-        warnings.warn(f"fusedlinear: a dimension exceeds BLAS's 32-bit limit ({BLAS_INT_MAX}); such calls run "
-                      "through plain PyTorch ops (backend 'torch')", RuntimeWarning, stacklevel=4)
-    return _reference()
-
-
-_large_warned = False
 
 
 def unavailable_reason() -> str | None:

@@ -107,7 +107,7 @@ def test_other_layouts_get_a_clear_error(convert, name):
     """The backend refuses a layout no kernel takes, naming it and the fix; the functional API
     (torch_ext) runs such an input as plain torch ops, so the user gets nn.Linear's result."""
     with pytest.raises(TypeError, match=rf"input is a {name} tensor.*input\.to_dense\(\)"):
-        backend.for_call(convert(x), w)
+        backend.route(convert(x), w)
     # float32 through torch's own kernels for that layout vs float64 dense: a 6-term sum
     assert_close(fusedlinear.fused_linear(convert(x), w, b, "relu").to_dense().double(),
                  torch.relu(F.linear(x.double(), w.double(), b.double())), torch.float32, "layout result")
@@ -116,22 +116,28 @@ def test_other_layouts_get_a_clear_error(convert, name):
 def test_mkldnn_weight_gets_a_clear_error():
     x, w, b = make_inputs((4,), 6, 3, torch.float32)
     with pytest.raises(TypeError, match=r"weight is a _mkldnn tensor.*weight\.to_dense\(\)"):
-        backend.for_call(x, w.to_mkldnn())
+        backend.route(x, w.to_mkldnn())
 
 
-def test_batched_gradients_never_reach_a_kernel_address():
-    """vmap's batched tensors have no storage: the backend hands them to the torch backend
-    (the autograd layer routes vmap itself; this is the backend's own guard)."""
+def test_batched_gradients_never_reach_a_kernel_address(monkeypatch):
+    """vmap's batched tensors have no storage: the ops' registered vmap rules compute them with
+    torch ops, so no kernel is handed a batched tensor's address (here: a kernel call fails)."""
     x, w, b = make_inputs((5,), 6, 3, torch.float64, seed=7)
     with torch.no_grad():
         a, z = numba_cpu.forward(x, w, b, "gelu", 0.01)
+
+    def refuse(*args):
+        raise AssertionError("a batched tensor reached the numba backend")
+
+    monkeypatch.setattr(numba_cpu, "forward", refuse)
+    monkeypatch.setattr(numba_cpu, "backward", refuse)
     grads = torch.randn(4, 5, 3, dtype=torch.float64)
-    got = torch.vmap(lambda g: numba_cpu.backward(g, z, x, w, "gelu", 0.01, (True, True, True)))(grads)
+    got = torch.vmap(lambda g: torch.ops.fusedlinear.linear_act_backward(g, z, x, w, "gelu", 0.01, [True] * 3))(grads)
     want = [backend.implementation("torch").backward(g, z, x, w, "gelu", 0.01, (True, True, True)) for g in grads]
     for i, name in enumerate(("dX", "dW", "db")):
         assert_close(got[i], torch.stack([v[i] for v in want]), torch.float64, name)
     xs = torch.randn(4, 5, 6, dtype=torch.float64)
-    got = torch.vmap(lambda xi: backend.forward(xi, w, b, "gelu", 0.01)[0])(xs)
+    got = torch.vmap(lambda xi: torch.ops.fusedlinear.linear_act(xi, w, b, "gelu", 0.01)[0])(xs)
     assert_close(got, F.gelu(F.linear(xs, w, b)), torch.float64, "vmap forward")
 
 
@@ -169,8 +175,8 @@ def test_bad_cpu_blas_value_is_one_clear_error():
 def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
     """BLAS takes 32-bit sizes; a larger problem runs through exact PyTorch ops (warned once).
     Tested with the limit lowered: a real one needs a > 8 GB tensor."""
-    monkeypatch.setattr(numba_cpu, "BLAS_INT_MAX", 50)
-    monkeypatch.setattr(numba_cpu, "_large_warned", False)
+    monkeypatch.setattr(numba_cpu, "SIZE_MAX", 50)
+    monkeypatch.setattr(backend, "_warned", set())  # backend.route warns once per process
     x, w, b = make_inputs((7,), 60, 5, torch.float64, seed=8)
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="32-bit"):

@@ -68,7 +68,7 @@ def test_a_wrong_weight_gradient_fails(monkeypatch, tmp_path):
 def test_a_silent_fallback_fails(monkeypatch, tmp_path):
     """Dispatch that quietly runs plain PyTorch instead of the numba kernels: right values, but
     the row must not pass."""
-    monkeypatch.setattr(backend, "for_call", lambda x, w: reference)
+    monkeypatch.setattr(backend, "route", lambda x, w, b=None, **how: reference)
     rc, rows = _run_numba(tmp_path)
     assert rc == 1
     assert [r for r in rows if "did not run" not in r["note"]] == []

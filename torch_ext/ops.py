@@ -1,34 +1,44 @@
-"""The autograd layer: ``fused_linear`` and the ``torch.library`` ops it calls.
+"""The autograd layer: ``fused_linear``, ``fused_chain`` and the ``torch.library`` ops they call.
 
-Two ops in namespace ``fusedlinear``, each with a fake (meta) implementation so that
-``torch.compile(fullgraph=True)`` traces them without a graph break::
+Two ops in namespace ``fusedlinear`` are the one door to the kernels, for eager and compiled
+code alike::
 
     fusedlinear::linear_act(input (M,K), weight (N,K), bias (N,)?, activation, negative_slope)
         -> (A (M,N), Z (M,N) or (0,))
     fusedlinear::linear_act_backward(grad (M,N), saved, input, weight, activation,
         negative_slope, output_mask[3]) -> (dX (M,K), dW (N,K), db (N,)) (empty where masked)
 
-They are defined with ``torch.library.Library`` (lighter per call than ``custom_op``) and
-call :mod:`fusedlinear.backend`, which picks the kernels. ``FusedLinearFunction`` glues them
-to autograd: it saves what the activation table says backward needs, and asks backward only
-for the gradients autograd needs.
+Defined with ``torch.library.Library`` (``define``/``impl``: lighter per call than
+``custom_op``'s wrapper), each registered per dispatch key:
+
+    key                          implementation
+    CPU, CUDA                    the kernels :func:`fusedlinear.backend.route` picks (Numba, CuPy)
+    CompositeExplicitAutograd    plain torch ops (``backend.reference``): every other device
+    Meta / fake (register_fake)  shapes only, for torch.compile and torch.export
+    vmap (register_vmap)         plain torch ops with the batch as a leading dimension
+    Autograd (register_autograd) ``linear_act``: :func:`_setup_context` + :func:`_backward`
+
+Eager calls reach the op through :class:`FusedLinearFunction` (and runs of layers through one
+:class:`FusedChainFunction` node): the same ``_setup_context``/``_backward`` plus a ``jvp``
+(forward-mode AD) and ``generate_vmap_rule``, which ``torch.func`` needs and
+``register_autograd``'s generated Function does not have (torch 2.13/2.14: ``torch.func.grad``
+refuses it, ``jacfwd`` gets zero tangents). Under ``torch.compile`` the entry points call the op
+itself (Dynamo does not trace a custom ``jvp``); both routes run the op, so the same kernels.
+
+Backward, first order: ``linear_act_backward`` (the kernels). With ``create_graph=True``: the
+activation table's formulas as differentiable torch ops on Z recomputed from X, W, b, so second
+derivatives are autograd's. Autocast: ``fused_linear``/``fused_chain`` cast to the autocast dtype
+first, as ``F.linear`` is cast. Which implementation runs a call is decided in one place,
+:func:`fusedlinear.backend.route`.
 
 Every entry point (``fused_linear``, ``fused_chain``, both Functions' ``apply``, both ops and
 their fake implementations) validates its arguments: :func:`_valid` passes the common call in a
-few cheap tests, :func:`_check` names the bad value and the fix. What the kernels cannot take
-runs as plain PyTorch ops (:mod:`fusedlinear.backend.reference`), giving what
-``nn.Linear`` + activation gives:
-
-* autocast: input, weight and bias are cast to the autocast dtype first, as ``F.linear`` is;
-* functorch transforms (``torch.func.vmap/grad/jacrev``), forward-mode AD (``dual_level``) and
-  non-strided layouts (sparse, mkldnn, nested) at ``fused_linear``/``fused_chain``: the whole
-  call is plain ops;
-* a backward with ``create_graph=True`` or on batched gradients (``is_grads_batched``,
-  ``jacobian(vectorize=True)``): the backward formulas as differentiable torch ops.
+few cheap tests, :func:`_check` names the bad value and the fix.
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import torch
@@ -48,18 +58,37 @@ _lib.define(
 )
 
 
+# ---------------------------------------------------------------- implementations per dispatch key
+
+
 def _linear_act(input, weight, bias, activation, negative_slope):
+    """CPU and CUDA: the backend :func:`fusedlinear.backend.route` picks."""
     _check_op(input, weight, bias, activation, negative_slope)
-    return backend.forward(input, weight, bias, activation, negative_slope)
+    return backend.route(input, weight, bias).forward(input, weight, bias, activation, negative_slope)
 
 
 def _linear_act_backward(grad, saved, input, weight, activation, negative_slope, output_mask):
     _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask)
-    return backend.backward(grad, saved, input, weight, activation, negative_slope, output_mask)
+    return backend.route(input, weight).backward(grad, saved, input, weight, activation, negative_slope, output_mask)
 
 
-_lib.impl("linear_act", _linear_act, "CompositeExplicitAutograd")
-_lib.impl("linear_act_backward", _linear_act_backward, "CompositeExplicitAutograd")
+def _linear_act_plain(input, weight, bias, activation, negative_slope):
+    """Every other dispatch key (another device): plain torch ops."""
+    _check_op(input, weight, bias, activation, negative_slope)
+    return _reference.forward(input, weight, bias, activation, negative_slope)
+
+
+def _linear_act_backward_plain(grad, saved, input, weight, activation, negative_slope, output_mask):
+    _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask)
+    return _reference.backward(grad, saved, input, weight, activation, negative_slope, output_mask)
+
+
+for _key, _forward, _backward_impl in (("CPU", _linear_act, _linear_act_backward),
+                                       ("CUDA", _linear_act, _linear_act_backward),
+                                       ("CompositeExplicitAutograd", _linear_act_plain, _linear_act_backward_plain)):
+    _lib.impl("linear_act", _forward, _key)
+    _lib.impl("linear_act_backward", _backward_impl, _key)
+del _key, _forward, _backward_impl
 
 
 @torch.library.register_fake("fusedlinear::linear_act", lib=_lib)
@@ -80,13 +109,41 @@ def _linear_act_backward_fake(grad, saved, input, weight, activation, negative_s
     )
 
 
-def _direct(t: torch.Tensor) -> bool:
-    """Whether a call may skip the ``torch.library`` op and call the backend itself: on real
-    tensors in eager mode. The op's trip through the dispatcher costs 2-3 us per call (2-core
-    EPYC), a tenth of a whole batch-1 layer. Under torch.compile or export, and with fake or
-    functional tensors or any dispatch mode (make_fx, FlopCounterMode), calls go through the op,
-    which is what those see and trace. (is_compiling first: Dynamo folds it to True.)"""
-    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
+def _front(t, dim):
+    """``t`` with its vmap batch dimension ``dim`` moved to the front (None: not batched)."""
+    return t if dim is None or t is None else t.movedim(dim, 0)
+
+
+def _out_dims(outputs, ranks):
+    """vmap out_dims: 0 for an output with a batch dimension (one more than its rank), else None."""
+    return tuple(0 if t.dim() == rank + 1 else None for t, rank in zip(outputs, ranks))
+
+
+@torch.library.register_vmap("fusedlinear::linear_act", lib=_lib)
+def _linear_act_vmap(info, in_dims, input, weight, bias, activation, negative_slope):
+    """Z = X Wᵀ + b with the batch as a leading dimension of any of X, W, b (matmul broadcasts)."""
+    x, w = _front(input, in_dims[0]), _front(weight, in_dims[1])
+    z = torch.matmul(x, w.transpose(-1, -2))
+    if bias is not None:
+        z = z + (_front(bias, in_dims[2]).unsqueeze(-2) if in_dims[2] is not None else bias)
+    a = _reference.FORWARD[activation](z, negative_slope)
+    out = (a, z if _acts.ACTIVATIONS[activation].saves == "z" else a.new_empty(0))
+    return out, _out_dims(out, (2, 2))
+
+
+@torch.library.register_vmap("fusedlinear::linear_act_backward", lib=_lib)
+def _linear_act_backward_vmap(info, in_dims, grad, saved, input, weight, activation, negative_slope, output_mask):
+    """dZ = dA ⊙ g'(saved), dX = dZ W, dW = dZᵀ X, db = Σ_rows dZ, batched as leading dimensions."""
+    g, s, x, w = (_front(t, d) for t, d in zip((grad, saved, input, weight), in_dims))
+    dz = _reference.grad_z(g, s, activation, negative_slope)
+    empty = dz.new_empty(0)
+    out = (torch.matmul(dz, w) if output_mask[0] else empty,
+           torch.matmul(dz.transpose(-1, -2), x) if output_mask[1] else empty,
+           dz.sum(-2) if output_mask[2] else empty)
+    return out, _out_dims(out, (2, 2, 1))
+
+
+# ---------------------------------------------------------------- autograd
 
 
 def _kept(activation: str, a, z):
@@ -94,73 +151,82 @@ def _kept(activation: str, a, z):
     return a if _acts.ACTIVATIONS[activation].saves == "a" else z
 
 
-_any_autocast = torch._C._is_any_autocast_enabled
-_transforms_active = torch._C._are_functorch_transforms_active  # vmap, grad, jacrev, ...
-_forward_ad = torch.autograd.forward_ad  # _current_level >= 0: inside a dual_level (forward-mode AD)
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # is_grads_batched, jacobian(vectorize=True)
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, activation, negative_slope = inputs
+    a, z = output
+    ctx.save_for_backward(input, weight, bias, _kept(activation, a, z))  # bias: for create_graph
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.mark_non_differentiable(z)
 
 
-def _needs_plain_ops(grad: torch.Tensor) -> bool:
-    """Whether a backward must run as torch ops: with ``create_graph=True`` (grad mode is on in
-    backward; the kernels' result would have no graph) or on batched gradients: functorch-wrapped
-    tensors, which have no storage a kernel could read (and which Dynamo never traces; it does not
-    know these C functions)."""
-    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (_legacy_batched(grad) or _wrapped(grad)))
+def _backward(ctx, grad_a, grad_z):
+    """dX, dW, db as autograd needs them (``ctx.needs_input_grad``): the backward op, or with
+    ``create_graph=True`` (grad mode on) the same formulas as differentiable torch ops."""
+    input, weight, bias, saved = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if grad_a is None:
+        return None, None, None, None, None
+    if torch.is_grad_enabled():  # g'(Z) from Z recomputed with a graph in X, W, b
+        plain = backend.route(input, weight, graph=True)
+        saved = _kept(ctx.activation, *plain.forward(input, weight, bias, ctx.activation, ctx.negative_slope))
+        dx, dw, db = plain.backward(grad_a, saved, input, weight, ctx.activation, ctx.negative_slope, mask)
+    else:
+        dx, dw, db = torch.ops.fusedlinear.linear_act_backward(
+            grad_a, saved, input, weight, ctx.activation, ctx.negative_slope, mask)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
 
 
-_base_apply = torch.autograd.Function.apply.__func__
+torch.library.register_autograd("fusedlinear::linear_act", _backward, setup_context=_setup_context, lib=_lib)
 
 
-def _apply(cls, *args):
-    """``cls.apply`` without the validation its override adds, for callers that validated.
-    Under torch.compile, ``cls.apply``: Dynamo traces forward/backward and never runs an override."""
-    if torch.compiler.is_compiling():
-        return cls.apply(*args)
-    return _base_apply(cls, *args)
+def _tangent_z(input, weight, t_input, t_weight, t_bias):
+    """Forward-mode AD of Z = X Wᵀ + b: Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ (None if no input has a tangent)."""
+    parts = [t_input @ weight.T if t_input is not None else None,
+             input @ t_weight.T if t_weight is not None else None, t_bias]
+    parts = [p for p in parts if p is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+def _tangent_a(t_z, saved, activation, slope):
+    """Ȧ = Ż ⊙ g'(Z): the activation table's backward formula with Ż for dA."""
+    return None if t_z is None else _reference.grad_z(t_z, saved, activation, slope)
 
 
 class FusedLinearFunction(torch.autograd.Function):
-    """A = g(X Wᵀ + b) for a 2-D X; returns (A, Z-or-empty). Use :func:`fused_linear`."""
+    """A = g(X Wᵀ + b) for a 2-D X; returns (A, Z-or-empty). Use :func:`fused_linear`.
 
-    # Old-style forward(ctx, ...): the setup_context style costs an inspect.signature().bind() per
-    # call inside Function.apply (~30 us, more than the whole eager Linear+ReLU at batch 1).
-    @staticmethod
-    def forward(ctx, input, weight, bias, activation, negative_slope):
-        if _direct(input):
-            a, z = backend.forward(input, weight, bias, activation, negative_slope)
-        else:
-            a, z = torch.ops.fusedlinear.linear_act(input, weight, bias, activation, negative_slope)
-        ctx.save_for_backward(input, weight, bias, _kept(activation, a, z))  # bias: for create_graph
-        ctx.activation = activation
-        ctx.negative_slope = negative_slope
-        ctx.mark_non_differentiable(z)
-        return a, z
+    Calls ``fusedlinear::linear_act``; its backward, the op's registered one; plus forward-mode
+    AD (``jvp``) and vmap (generated from the op's vmap rule), so ``torch.func`` takes it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_a, grad_z):
-        input, weight, bias, saved = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        if grad_a is None:
-            return None, None, None, None, None
-        if _needs_plain_ops(grad_a):
-            if torch.is_grad_enabled():  # create_graph: g'(Z) from Z recomputed with a graph in X, W, b
-                saved = _kept(ctx.activation, *_reference.forward(input, weight, bias, ctx.activation, ctx.negative_slope))
-            op = _reference.backward
-        else:
-            op = backend.backward if _direct(grad_a) else torch.ops.fusedlinear.linear_act_backward
-        dx, dw, db = op(grad_a, saved, input, weight, ctx.activation, ctx.negative_slope, mask)
-        return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
+    def forward(input, weight, bias=None, activation="relu", negative_slope=0.01):
+        if type(negative_slope) is not float:  # the op's schema would refuse it naming no fix
+            _check_op(input, weight, bias, activation, negative_slope)
+        return torch.ops.fusedlinear.linear_act(input, weight, bias, activation, negative_slope)
 
-    @classmethod
-    def apply(cls, input, weight, bias=None, activation="relu", negative_slope=0.01):
-        """Validated like :func:`fused_linear` (``input`` must be 2-D, strided); under a functorch
-        transform it runs as plain torch ops, under autocast in the autocast dtype."""
-        if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):
-            input, weight, bias, plain = _prepare(input, weight, bias, activation, negative_slope, rows=True)
-            if plain:
-                return _reference.forward(input, weight, bias, activation, float(negative_slope))
-        return _base_apply(cls, input, weight, bias, activation, float(negative_slope))
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1], _kept(inputs[3], *output))
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _activation, _slope):
+        input, weight, saved = ctx.saved_tensors
+        return _tangent_a(_tangent_z(input, weight, t_input, t_weight, t_bias), saved, ctx.activation,
+                          ctx.negative_slope), None
+
+
+# Function.apply binds its arguments to forward's signature on every call (setup_context style);
+# inspect.signature() takes a function's __signature__ as it is: ~10 us less per call (2-core Xeon).
+FusedLinearFunction.forward.__signature__ = inspect.signature(FusedLinearFunction.forward)
+
+
+# ---------------------------------------------------------------- validation
 
 
 def _name(t) -> str:
@@ -173,8 +239,8 @@ _STRIDED = torch.strided
 
 def _valid(input, weight, bias, activation, negative_slope, features=None) -> bool:
     """The common valid call (strided CPU tensors of one float dtype, shapes that fit, a known
-    activation, no autocast or functorch transform) in a few cheap tests, ~1 us less per layer
-    than :func:`_prepare`; anything else goes there."""
+    activation) in a few cheap tests, ~1 us less per layer than :func:`_check`; anything else
+    goes there (at the entry points, through :func:`_prepare`)."""
     if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and input.is_cpu and weight.is_cpu):
         return False
     dtype = input.dtype
@@ -183,8 +249,7 @@ def _valid(input, weight, bias, activation, negative_slope, features=None) -> bo
             and (input.shape[-1] if features is None else features) == weight.shape[1]
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dtype == dtype
                                   and bias.dim() == 1 and bias.layout is _STRIDED and bias.shape[0] == weight.shape[0]))
-            and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float
-            and not (_any_autocast() or _transforms_active()) and _forward_ad._current_level < 0)
+            and type(activation) is str and activation in _acts.ACTIVATIONS and type(negative_slope) is float)
 
 
 def _not_strided(t) -> bool:
@@ -198,24 +263,23 @@ def _layout_fix(label: str, t) -> str:
 
 
 def _autocast(input, weight, bias):
-    """Under autocast for the input's device, the floating tensors cast to the autocast dtype,
-    as autocast casts ``F.linear``'s (float64 excepted, as autocast does)."""
-    if not (isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)):
-        return input, weight, bias
+    """The floating tensors cast to the autocast dtype of the input's device, as autocast casts
+    ``F.linear``'s (float64 excepted, as autocast does). The casts are torch ops before the fused
+    node, so autograd records them as it does for ``F.linear``."""
     dtype = torch.get_autocast_dtype(input.device.type)
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
     return cast(input), cast(weight), cast(bias)
 
 
-def _prepare(input, weight, bias, activation, negative_slope, features=None, where="", rows=False):
-    """The slow path of an entry point: validate (:func:`_check`), apply autocast, and say whether
-    the call must run as plain torch ops (a functorch transform, forward-mode AD, a non-strided layout; only the
-    functional API takes those, ``rows`` entry points reject the layouts).
+def _prepare(input, weight, bias, activation, negative_slope, features=None, where=""):
+    """The slow path of ``fused_linear``/``fused_chain``: apply autocast, validate (:func:`_check`),
+    and ask :func:`fusedlinear.backend.route` whether the call runs as plain torch ops (a layout no
+    kernel takes: sparse, mkldnn, nested) or goes to the fused op.
     Returns (input, weight, bias, plain)."""
-    if _any_autocast():
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
         input, weight, bias = _autocast(input, weight, bias)
-    _check(input, weight, bias, activation, negative_slope, features, where, rows)
-    plain = _transforms_active() or _forward_ad._current_level >= 0 or any(map(_not_strided, (input, weight, bias)))
+    _check(input, weight, bias, activation, negative_slope, features, where)
+    plain = backend.route(input, weight, bias, front=True) is _reference
     return input, weight, bias, plain
 
 
@@ -333,15 +397,16 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     Returns:
         ``(*, out_features)``, equal to ``act(F.linear(input, weight, bias))``, with gradients
         equal to autograd's for every input that requires them (second derivatives included).
-        Under autocast it computes in the autocast dtype, as ``F.linear`` does; under
-        ``torch.func`` transforms and for sparse, mkldnn or nested tensors it runs as those plain
-        torch ops.
+        Under autocast it computes in the autocast dtype, as ``F.linear`` does; ``torch.func``
+        transforms and forward-mode AD go through the op's registered rules; sparse, mkldnn or
+        nested tensors run as plain torch ops.
     """
-    if not _valid(input, weight, bias, activation, negative_slope):
+    if not (_valid(input, weight, bias, activation, negative_slope) and not torch.is_autocast_enabled("cpu")):
         input, weight, bias, plain = _prepare(input, weight, bias, activation, negative_slope)
         if plain:
             return _plain_layers(input, [(weight, bias, activation, float(negative_slope))])
-    return _on_rows(input, lambda x: _apply(FusedLinearFunction, x, weight, bias, activation, float(negative_slope))[0])
+    node = torch.ops.fusedlinear.linear_act if torch.compiler.is_compiling() else FusedLinearFunction.apply
+    return _on_rows(input, lambda x: node(x, weight, bias, activation, float(negative_slope))[0])
 
 
 def _plain_layers(input, layers):
@@ -373,16 +438,6 @@ def _on_rows(input, fn):
     return out.reshape(*lead, out.shape[-1])
 
 
-def _chain_op(input, params, name, library_op, grad=None):
-    """The function a chain calls for every layer: the backend's (chosen once for the chain when
-    the calls may skip the op and no dimension is zero), else the ``torch.library`` op."""
-    if not _direct(input if grad is None else grad):
-        return library_op
-    if input.numel() and min(map(torch.Tensor.numel, params)):  # no zero-sized layer (map: no Python frames)
-        return getattr(backend.for_call(input, params[0]), name)
-    return getattr(backend, name)
-
-
 def _layers(spec, params):
     """(weight, bias or None, activation, slope) per layer, from a chain's ``spec`` and ``params``."""
     layers, i = [], 0
@@ -392,52 +447,91 @@ def _layers(spec, params):
     return layers
 
 
-class FusedChainFunction(torch.autograd.Function):
+class _Checked(tuple):
+    """A chain spec whose layers :func:`fused_chain` has validated (the Function skips its checks)."""
+
+
+def _check_chain(input, spec, params) -> None:
+    """FusedChainFunction.apply's validation of what :func:`fused_chain` validates for itself."""
+    if not all(isinstance(s, tuple) and len(s) == 3 for s in spec) or len(params) != sum(1 + bool(s[2]) for s in spec):
+        raise ValueError(
+            f"FusedChainFunction.apply: spec must hold (activation, negative_slope, has_bias) per layer and "
+            f"params one weight per layer plus one bias per layer with has_bias; got {len(spec)} layers, "
+            f"{len(params)} params; use fused_chain(input, [(weight, bias, activation, slope), ...])"
+        )
+    features = None
+    for n, (weight, bias, activation, slope) in enumerate(_layers(spec, params)):
+        _check(input, weight, bias, activation, slope, features, f"layer {n}: " if n else "", rows=True)
+        features = weight.shape[0]
+
+
+class _Chain(torch.autograd.Function):
     """Fused layers applied one after another, as one autograd node::
 
         h_0 = input,   h_{i+1} = g_i(h_i W_iᵀ + b_i),   output = h_L
 
-    Forward and backward are the same kernel calls as :class:`FusedLinearFunction`, layer by
-    layer (backward from the last layer to the first, each layer's dX the dA of the one before);
-    one node instead of L saves the per-layer autograd and Python overhead, which at small
-    batches is most of a layer's time. ``spec`` holds (activation, slope, has bias) per layer;
-    ``params`` the weights and biases, in order. Use :func:`fused_chain`."""
+    Forward and backward are the same op calls as :class:`FusedLinearFunction`, layer by layer
+    (backward from the last layer to the first, each layer's dX the dA of the one before); one
+    node instead of L saves the per-layer autograd and Python overhead, which at small batches is
+    most of a layer's time. ``spec`` holds (activation, slope, has bias) per layer; ``params``
+    the weights and biases, in order.
+
+    ``forward`` also returns h_1 .. h_{L-1} and the Z of each layer whose activation keeps Z
+    (non-differentiable): ``setup_context``, which ``torch.func`` needs, sees only the outputs.
+    :class:`FusedChainFunction` (``apply`` -> h_L) and :func:`fused_chain` call it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, spec, *params):
-        h, keep = input, []
-        op = _chain_op(input, params, "forward", torch.ops.fusedlinear.linear_act)
+    def forward(input, spec, *params):
+        if type(spec) is not _Checked:
+            _check_chain(input, spec, params)
+        h, hs, zs = input, [], []
         for weight, bias, activation, slope in _layers(spec, params):
-            a, z = op(h, weight, bias, activation, slope)
-            keep += [h, _kept(activation, a, z)]
-            h = a
-        ctx.save_for_backward(*keep, *params)  # biases: for create_graph
-        ctx.spec = spec
-        return h
+            h, z = torch.ops.fusedlinear.linear_act(h, weight, bias, activation, slope)
+            hs.append(h)
+            if _acts.ACTIVATIONS[activation].saves == "z":
+                zs.append(z)
+        return (h, *hs[:-1], *zs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        input, spec, *params = inputs
+        n = len(spec)
+        hs = (input, *output[1:n], output[0])  # h_0 .. h_L
+        zs = iter(output[n:])
+        kept = [hs[i + 1] if saves == "a" else next(zs) if saves == "z" else input.new_empty(0)
+                for i, saves in enumerate(_acts.ACTIVATIONS[s[0]].saves for s in spec)]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*hs[:-1], *kept, *params)  # biases: for create_graph
+        ctx.save_for_forward(*hs[:-1], *kept, *params)
+        ctx.spec = spec
+        ctx.outputs = len(output)
+
+    @staticmethod
+    def backward(ctx, grad, *_intermediates):
         spec, needs = ctx.spec, ctx.needs_input_grad
+        n = len(spec)
         saved = ctx.saved_tensors
-        params = saved[2 * len(spec):]
-        if _needs_plain_ops(grad):
-            op = _reference.backward
-            if torch.is_grad_enabled():  # create_graph: every h_i and g'(Z_i) recomputed with a graph
-                saved, h = [], saved[0]
-                for weight, bias, activation, slope in _layers(spec, params):
-                    a, z = _reference.forward(h, weight, bias, activation, slope)
-                    saved += [h, _kept(activation, a, z)]
-                    h = a
+        hs, kept, params = list(saved[:n]), list(saved[n:2 * n]), saved[2 * n:]
+        if torch.is_grad_enabled():  # create_graph: every h_i and g'(Z_i) recomputed with a graph
+            op = backend.route(hs[0], params[0], graph=True)
+            h = hs[0]
+            for i, (weight, bias, activation, slope) in enumerate(_layers(spec, params)):
+                hs[i] = h
+                h, z = op.forward(h, weight, bias, activation, slope)
+                kept[i] = _kept(activation, h, z)
+            op = op.backward
         else:
-            op = _chain_op(saved[0], params, "backward", torch.ops.fusedlinear.linear_act_backward, grad)
+            op = torch.ops.fusedlinear.linear_act_backward
         grads = [None] * len(params)  # one per parameter (weights and biases, in order)
         i = len(grads)
-        for layer in range(len(spec) - 1, -1, -1):
+        for layer in range(n - 1, -1, -1):
             activation, slope, has_bias = spec[layer]
             i -= 1 + has_bias
             earlier = needs[0] or any(needs[2:2 + i])  # does anything before this layer need a gradient?
             mask = [earlier, needs[2 + i], has_bias and needs[3 + i]]
-            dx, dw, db = op(grad, saved[2 * layer + 1], saved[2 * layer], params[i], activation, slope, mask)
+            dx, dw, db = op(grad, kept[layer], hs[layer], params[i], activation, slope, mask)
             grads[i] = dw if mask[1] else None
             if has_bias:
                 grads[i + 1] = db if mask[2] else None
@@ -446,18 +540,35 @@ class FusedChainFunction(torch.autograd.Function):
             grad = dx
         return (grad if needs[0] else None), None, *grads
 
-    @classmethod
-    def apply(cls, input, spec, *params):
-        """Validated like :func:`fused_chain` (``input`` must be 2-D, strided; ``spec`` a sequence of
-        (activation, slope, has_bias)); an empty ``spec`` returns ``input``."""
-        spec = tuple(spec)
-        if not all(isinstance(s, tuple) and len(s) == 3 for s in spec) or len(params) != sum(1 + bool(s[2]) for s in spec):
-            raise ValueError(
-                f"FusedChainFunction.apply: spec must hold (activation, negative_slope, has_bias) per layer and "
-                f"params one weight per layer plus one bias per layer with has_bias; got {len(spec)} layers, "
-                f"{len(params)} params; use fused_chain(input, [(weight, bias, activation, slope), ...])"
-            )
-        return _chain(input, _layers(spec, params), rows=True)
+    @staticmethod
+    def jvp(ctx, t_input, _t_spec, *t_params):
+        n = len(ctx.spec)
+        saved = ctx.saved_tensors
+        hs, kept, params = saved[:n], saved[n:2 * n], saved[2 * n:]
+        t, i = t_input, 0
+        for layer, (activation, slope, has_bias) in enumerate(ctx.spec):
+            t_z = _tangent_z(hs[layer], params[i], t, t_params[i], t_params[i + 1] if has_bias else None)
+            t = _tangent_a(t_z, kept[layer], activation, slope)
+            i += 1 + has_bias
+        return (t, *[None] * (ctx.outputs - 1))
+
+
+
+# The node itself, named so that its grad_fn is FusedChainFunctionBackward. Not FusedChainFunction
+# below: torch.func calls a node's own ``apply`` inside its transforms and needs all its outputs.
+_ChainNode = type("FusedChainFunction", (_Chain,), {"__module__": __name__, "__qualname__": "FusedChainFunction"})
+
+
+class FusedChainFunction(_Chain):
+    __doc__ = _Chain.__doc__
+
+    @staticmethod
+    def apply(input, spec, *params):
+        """h_L, validated like :func:`fused_chain`; an empty ``spec`` returns ``input``."""
+        if not spec:
+            _check_chain(input, (), params)
+            return input
+        return _ChainNode.apply(input, spec, *params)[0]
 
 
 def fused_chain(input, layers):
@@ -469,30 +580,17 @@ def fused_chain(input, layers):
     An empty sequence returns ``input``, as an empty ``nn.Sequential`` does.
     :class:`FusedSequential` calls this for its runs of linear layers.
     """
-    return _chain(input, layers)
-
-
-def _bad_layer(n, layer) -> TypeError:
-    given = (f"a tensor of shape {tuple(layer.shape)} (a bare tuple? wrap one layer in a list: [(w, b, 'relu', 0.0)])"
-             if isinstance(layer, torch.Tensor) else
-             f"a {type(layer).__name__} of {len(layer)} items" if hasattr(layer, "__len__") else _name(layer))
-    return TypeError(f"fused_chain: layer {n} is {given}; layers must be "
-                     f"[(weight, bias or None, activation, negative_slope), ...]")
-
-
-def _chain(input, layers, rows=False):
-    """fused_chain and FusedChainFunction.apply: validate each layer, then one FusedChainFunction
-    node (or plain torch ops layer by layer, where :func:`_prepare` says so)."""
     spec, params, features, plain = [], [], None, False
+    fast = not torch.is_autocast_enabled("cpu")
     for n, layer in enumerate(layers):
         try:
             weight, bias, activation, slope = layer
         except (TypeError, ValueError):  # only a malformed layer pays for the message
             raise _bad_layer(n, layer) from None
-        if rows or not _valid(input, weight, bias, activation, slope, features):
+        if not (fast and _valid(input, weight, bias, activation, slope, features)):
             # Autocast casts each layer's tensors; the input, cast once, is checked with layer 0.
             x, weight, bias, special = _prepare(input, weight, bias, activation, slope, features,
-                                                f"layer {n}: " if n else "", rows)
+                                                f"layer {n}: " if n else "")
             input, plain = (x if n == 0 else input), plain or special
         features = weight.shape[0]  # the next layer's input has out_features columns
         spec.append((activation, float(slope), bias is not None))
@@ -501,6 +599,21 @@ def _chain(input, layers, rows=False):
         return input
     if plain:
         return _plain_layers(input, _layers(spec, params))
-    spec = tuple(spec)
-    run = _base_apply if rows else _apply  # rows: called from the apply override itself
-    return _on_rows(input, lambda x: run(FusedChainFunction, x, spec, *params))
+    if torch.compiler.is_compiling():  # the op per layer, autograd registered on it (see the module doc)
+        return _on_rows(input, lambda x: _compiled_chain(x, _layers(spec, params)))
+    spec = _Checked(spec)
+    return _on_rows(input, lambda x: _ChainNode.apply(x, spec, *params)[0])
+
+
+def _compiled_chain(h, layers):
+    for weight, bias, activation, slope in layers:
+        h = torch.ops.fusedlinear.linear_act(h, weight, bias, activation, slope)[0]
+    return h
+
+
+def _bad_layer(n, layer) -> TypeError:
+    given = (f"a tensor of shape {tuple(layer.shape)} (a bare tuple? wrap one layer in a list: [(w, b, 'relu', 0.0)])"
+             if isinstance(layer, torch.Tensor) else
+             f"a {type(layer).__name__} of {len(layer)} items" if hasattr(layer, "__len__") else _name(layer))
+    return TypeError(f"fused_chain: layer {n} is {given}; layers must be "
+                     f"[(weight, bias or None, activation, negative_slope), ...]")
