@@ -200,4 +200,4 @@ def test_cli_train_one_epoch(tmp_path):
     assert summary["epochs"] == 1 and summary["device"] == "cpu" and summary["backend"] == "numba"
     assert summary["torch"] == torch.__version__
     assert summary["test_accuracy"] >= 0.85, summary["test_accuracy"]
-    mnist.NeuralNetwork().load_state_dict(torch.load(tmp_path / "m.pt"), strict=True)
+    mnist.NeuralNetwork().load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
