@@ -47,49 +47,15 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from . import modules as _layers
+from ..backend import activations as _registry
 from .modules import FusedActivation, FusedLinear, FusedSequential, _chainable, chain_call
+from .recognise import Refused, recognise
 
 # ---------------------------------------------------------------------------------------------
-# Which calls are activations: (activation, negative_slope) or None, from the call's arguments.
-# The first argument is the tensor; the others must be constants (checked before these run).
+# Which calls are activations: spec = (table name, negative_slope), from the registry
+# (fusedlinear.backend.activations) for torch's functions, methods and modules, and by what it
+# computes (fusedlinear.torch_ext.recognise) for any other module.
 
-
-def _slope(negative_slope):
-    if isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool):
-        return ("leaky_relu", float(negative_slope))
-    return None
-
-
-def _gelu(approximate):
-    return {"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(approximate)
-
-
-_FUNCTIONS = {
-    F.relu: lambda input, inplace=False: ("relu", 0.0),
-    F.relu_: lambda input: ("relu", 0.0),
-    torch.relu: lambda input: ("relu", 0.0),
-    torch.relu_: lambda input: ("relu", 0.0),
-    torch.sigmoid: lambda input, *, out=None: ("sigmoid", 0.0) if out is None else None,
-    torch.sigmoid_: lambda input: ("sigmoid", 0.0),
-    F.sigmoid: lambda input: ("sigmoid", 0.0),
-    torch.tanh: lambda input, *, out=None: ("tanh", 0.0) if out is None else None,
-    torch.tanh_: lambda input: ("tanh", 0.0),
-    F.tanh: lambda input: ("tanh", 0.0),
-    F.silu: lambda input, inplace=False: ("silu", 0.0),
-    F.gelu: lambda input, approximate="none": _gelu(approximate),
-    F.leaky_relu: lambda input, negative_slope=0.01, inplace=False: _slope(negative_slope),
-    F.leaky_relu_: lambda input, negative_slope=0.01: _slope(negative_slope),
-}
-_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
-            "tanh_": "tanh"}
-_MODULES = {
-    nn.ReLU: lambda m: ("relu", 0.0),
-    nn.Sigmoid: lambda m: ("sigmoid", 0.0),
-    nn.Tanh: lambda m: ("tanh", 0.0),
-    nn.SiLU: lambda m: ("silu", 0.0),
-    nn.GELU: lambda m: _gelu(m.approximate),
-    nn.LeakyReLU: lambda m: _slope(m.negative_slope),
-}
 # Activations that commute with dropout: g(m * z) = m * g(z) for every mask value m >= 0, and so
 # do their gradients (positively homogeneous, g(0) = 0): dropout may run after them in any mode.
 _COMMUTE_WITH_DROPOUT = {"relu", "leaky_relu"}
@@ -97,14 +63,7 @@ _COMMUTE_WITH_DROPOUT = {"relu", "leaky_relu"}
 
 def _layer_for(linear: nn.Linear, spec) -> FusedLinear:
     """The fused layer for ``linear`` then activation ``spec``, sharing ``linear``'s parameters."""
-    activation, slope = spec
-    cls, kwargs = {
-        "relu": (_layers.FusedLinearReLU, {}), "sigmoid": (_layers.FusedLinearSigmoid, {}),
-        "tanh": (_layers.FusedLinearTanh, {}), "silu": (_layers.FusedLinearSiLU, {}),
-        "gelu": (_layers.FusedLinearGELU, {"approximate": "none"}),
-        "gelu_tanh": (_layers.FusedLinearGELU, {"approximate": "tanh"}),
-        "leaky_relu": (_layers.FusedLinearLeakyReLU, {"negative_slope": slope}),
-    }[activation]
+    cls, kwargs = _layers.fused_class(*spec)
     layer = cls._build(linear.in_features, linear.out_features, linear.bias is not None,
                        device="meta", dtype=linear.weight.dtype, **kwargs)
     layer.weight, layer.bias = linear.weight, linear.bias  # shared: optimizers keep working
@@ -306,23 +265,46 @@ def _constant(value) -> bool:
 
 def _activation(node: torch.fx.Node, caller: nn.Module, source: torch.fx.Node):
     """(spec, activation module or None) if ``node`` is a known activation applied to ``source``
-    (and nothing else depends on a traced value), else None."""
+    (and nothing else depends on a traced value); for a module that could be one but is not
+    taken for one, the reason (a string); else None."""
     args, kwargs = node.args, node.kwargs
     if not args or args[0] is not source or not _constant((args[1:], kwargs)):
         return None
     if node.op == "call_module":
         module = caller.get_submodule(node.target)
-        parse = _MODULES.get(type(module))
-        return (parse(module), module) if parse and len(args) == 1 and not kwargs and parse(module) else None
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        try:
-            spec = _FUNCTIONS[node.target](*args, **kwargs)
-        except TypeError:  # an argument these parsers do not know (e.g. out=): not ours to fuse
+        if len(args) != 1 or kwargs:
             return None
+        if _registry.match_module(module) is None and (type(module).__module__.startswith("torch.nn.")
+                                                       or any(True for _ in module.parameters())
+                                                       or any(True for _ in module.buffers())):
+            return None  # a layer, or torch's own module with other settings: not an activation candidate
+        try:
+            spec = _recognise(module)
+        except Refused as why:
+            return str(why)
+        return (spec, module) if spec[0] != "identity" else "it computes the identity: nothing to fuse"
+    if node.op == "call_function":
+        spec = _registry.match_function(node.target, args, kwargs)
         return (spec, None) if spec else None
-    if node.op == "call_method" and node.target in _METHODS and len(args) == 1 and not kwargs:
-        return (_METHODS[node.target], 0.0), None
+    if node.op == "call_method" and len(args) == 1 and not kwargs:
+        spec = _registry.match_method(node.target)
+        return (spec, None) if spec else None
     return None
+
+
+_RECOGNISED: dict = {}  # id(module) -> spec or Refused, for the fuse call under way (cleared by fuse)
+
+
+def _recognise(module):
+    if id(module) not in _RECOGNISED:
+        try:
+            _RECOGNISED[id(module)] = (module, recognise(module))
+        except Refused as why:
+            _RECOGNISED[id(module)] = (module, why)
+    found = _RECOGNISED[id(module)][1]
+    if isinstance(found, Refused):
+        raise found
+    return found
 
 
 def _what(node: torch.fx.Node) -> str:
@@ -348,6 +330,8 @@ def _follow(caller: nn.Module, training: bool, node: torch.fx.Node):
         found = _activation(user, caller, current)
         if found is None:
             return f"no activation after it (its output goes to {_what(user)})"
+        if isinstance(found, str):
+            return f"its output goes to {_what(user)}, not taken for an activation: {found}"
         spec, act_module = found
         if act_module is not None and _hooks(act_module):
             return f"its activation {_what(user)} has a hook registered on it"
@@ -527,7 +511,10 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     """
     _check_call("fuse", model, inplace, report)
     model = model if inplace else copy.deepcopy(model)
-    plan, summary = _plan(model)
+    try:
+        plan, summary = _plan(model)
+    finally:
+        _RECOGNISED.clear()
     for apply in plan:
         apply()
     return (model, summary) if report else model

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ..backend import activations as _registry
 from ..kernels import activations as _acts
 from .ops import fused_chain, fused_linear
 
@@ -24,8 +25,9 @@ class FusedLinear(nn.Module):
         in_features: size of each input sample
         out_features: size of each output sample
         bias: If set to ``False``, the layer will not learn an additive bias. Default: ``True``
-        activation: ``g``, one of ``identity, relu, sigmoid, tanh, gelu, gelu_tanh, silu,
-            leaky_relu``. Default: ``"relu"``
+        activation: ``g``, a name of the activation table (``fusedlinear.ACTIVATIONS``: identity,
+            relu, sigmoid, tanh, gelu, gelu_tanh, silu, leaky_relu, quick_gelu, gelu_fast, relu6,
+            relu2, hardswish, hardsigmoid, mish, softplus). Default: ``"relu"``
         negative_slope: slope of ``leaky_relu`` for negative inputs. Default: ``0.01``
 
     Shape:
@@ -119,16 +121,7 @@ class FusedLinear(nn.Module):
 
     def activation_module(self) -> nn.Module:
         """The plain PyTorch module for this layer's activation."""
-        return {
-            "identity": lambda: nn.Identity(),
-            "relu": lambda: nn.ReLU(),
-            "sigmoid": lambda: nn.Sigmoid(),
-            "tanh": lambda: nn.Tanh(),
-            "gelu": lambda: nn.GELU(),
-            "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-            "silu": lambda: nn.SiLU(),
-            "leaky_relu": lambda: nn.LeakyReLU(self.negative_slope),
-        }[self.activation]()
+        return _registry.REGISTRY[self.activation].module(self.negative_slope)
 
 
 def _fixed(name: str, activation: str, doc: str):
@@ -148,10 +141,31 @@ def _fixed(name: str, activation: str, doc: str):
     })
 
 
-FusedLinearReLU = _fixed("FusedLinearReLU", "relu", "``nn.Linear`` followed by ``nn.ReLU``")
-FusedLinearSigmoid = _fixed("FusedLinearSigmoid", "sigmoid", "``nn.Linear`` followed by ``nn.Sigmoid``")
-FusedLinearTanh = _fixed("FusedLinearTanh", "tanh", "``nn.Linear`` followed by ``nn.Tanh``")
-FusedLinearSiLU = _fixed("FusedLinearSiLU", "silu", "``nn.Linear`` followed by ``nn.SiLU``")
+# One subclass per activation with nothing to set (the registry names each); GELU and LeakyReLU
+# take their argument and are written out below.
+_FIXED_DOC = {"relu": "``nn.ReLU``", "sigmoid": "``nn.Sigmoid``", "tanh": "``nn.Tanh``", "silu": "``nn.SiLU``",
+              "quick_gelu": "``x * torch.sigmoid(1.702 * x)`` (CLIP's QuickGELU)",
+              "gelu_fast": "Hugging Face's ``FastGELUActivation``", "relu6": "``nn.ReLU6``",
+              "relu2": "squared ReLU ``torch.square(torch.relu(x))``", "hardswish": "``nn.Hardswish``",
+              "hardsigmoid": "``nn.Hardsigmoid``", "mish": "``nn.Mish``",
+              "softplus": "``nn.Softplus()`` (beta=1, threshold=20)"}
+for _name, _doc in _FIXED_DOC.items():
+    _cls = _registry.REGISTRY[_name].fused_class
+    globals()[_cls] = _fixed(_cls, _name, f"``nn.Linear`` followed by {_doc}")
+FusedLinearReLU, FusedLinearSigmoid, FusedLinearTanh, FusedLinearSiLU = (
+    globals()[_registry.REGISTRY[n].fused_class] for n in ("relu", "sigmoid", "tanh", "silu"))
+
+
+def fused_class(activation: str, negative_slope: float = 0.0):
+    """``(cls, kwargs)``: the fused layer class for a table entry and the arguments that pick it."""
+    cls = globals()[_registry.REGISTRY[activation].fused_class]
+    if activation in ("gelu", "gelu_tanh"):
+        return cls, {"approximate": "none" if activation == "gelu" else "tanh"}
+    if activation == "leaky_relu":
+        return cls, {"negative_slope": negative_slope}
+    if cls is FusedLinear:
+        return cls, {"activation": activation}
+    return cls, {}
 
 
 class FusedLinearGELU(FusedLinear):
