@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize, prune
 from . import modules as _layers
 from ..backend import activations as _registry
 from .modules import FusedActivation, FusedLinear, FusedSequential, _chainable, chain_call
+from . import capture as _capture
 from .recognise import Refused, recognise
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +495,7 @@ def _check_call(name: str, model, inplace, report=False) -> None:
             raise TypeError(f"{name}: {label} must be True or False, got {value!r}")
 
 
-def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
+def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_inputs=None):
     """Replace each ``nn.Linear`` of ``model`` whose output only feeds an activation with the
     matching fused layer, wherever the model calls it: activation modules (``nn.ReLU``,
     ``nn.GELU(approximate=...)``, ``nn.SiLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.LeakyReLU``),
@@ -505,6 +506,11 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     both ways with ``strict=True``) and the fused layers share the Linear layers' parameters.
     How the model is read and changed: see :mod:`fusedlinear.torch_ext.fuse`.
 
+    A Linear called from a forward that torch.fx cannot trace (Hugging Face's OPT, BART, Whisper
+    layers, ...) is read with TorchDynamo instead when ``example_inputs`` is given (a dict of
+    keyword arguments, a tuple of positional ones, or one tensor for one call of ``model``): its
+    pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.capture`).
+
     Returns a deep copy unless ``inplace=True`` (then ``model`` itself, changed only once the
     whole plan is made). With ``report=True`` returns ``(model, FuseReport)``: each pair fused and
     each ``nn.Linear`` left alone with the reason.
@@ -512,7 +518,7 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     _check_call("fuse", model, inplace, report)
     model = model if inplace else copy.deepcopy(model)
     try:
-        plan, summary = _plan(model)
+        plan, summary = _plan(model, example_inputs=example_inputs)
     finally:
         _RECOGNISED.clear()
     for apply in plan:
@@ -520,7 +526,7 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     return (model, summary) if report else model
 
 
-def _plan(model: nn.Module, refused: dict | None = None):
+def _plan(model: nn.Module, refused: dict | None = None, example_inputs=None):
     """Everything fuse will do to ``model``, as a list of assignments that cannot fail, and the report;
     ``refused``: ``{id(module): why}`` for forwards found not to be rewritable while building a plan."""
     refused = refused or {}
@@ -587,11 +593,13 @@ def _plan(model: nn.Module, refused: dict | None = None):
     # pair can make an activation module keep other callers, which can make a forward need a rewrite
     linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
     chosen = {}  # id(linear) -> spec
+    unread_callers = []  # Linear layers left only because a forward calling them could not be traced
     for linear in linears:
         why = _ineligible(linear)
         unknown = [c for c in callers(linear) if id(c) not in graphs]
         if why is None and unknown:
             why = f"called from {_path(paths[id(unknown[0])])}, whose forward is not read: {unread[id(unknown[0])]}"
+            unread_callers.append(linear)
         if why is None and not calls.get(id(linear)):
             why = ("it is the whole model: no activation after it" if linear is model else
                    "not called in any forward read as a graph")
@@ -632,6 +640,22 @@ def _plan(model: nn.Module, refused: dict | None = None):
         if not dropped:
             break
 
+    # 3b. the Linear layers whose callers fx could not read, read with TorchDynamo from an example call
+    dynamo = {}  # id(linear) -> its activation module
+    if unread_callers and example_inputs is None:
+        for linear in unread_callers:
+            reasons[id(linear)] += "; pass example_inputs= to fuse to read it with TorchDynamo"
+    elif unread_callers:
+        found, why = _capture.pairs(model, example_inputs, unread_callers, _recognise)
+        for linear_id, (spec, act) in found.items():
+            if calls.get(id(act)) or act is model:  # called from a forward fx did read: fx's plan decides
+                why[linear_id] = f"its activation {type(act).__name__} is also called from a forward read by torch.fx"
+                continue
+            chosen[linear_id], dynamo[linear_id] = spec, act
+            swappable.add(id(act))
+        for linear_id, reason in why.items():
+            reasons[linear_id] += f"; TorchDynamo, from example_inputs: {reason}"
+
     # 4. build everything new; nothing in the model has changed yet
     plan = []
     new_layers = {}
@@ -659,7 +683,7 @@ def _plan(model: nn.Module, refused: dict | None = None):
         try:
             _install(cls, caller, graphs[caller_id])
         except _Refused as error:  # plan again without rewriting it: nothing has changed yet
-            return _plan(model, {**refused, caller_id: str(error)})
+            return _plan(model, {**refused, caller_id: str(error)}, example_inputs)
         plan.append(lambda caller=caller, cls=cls: setattr(caller, "__class__", cls))
         summary.rewritten.append(_path(paths[caller_id]))
         summary.chains += [[f"{paths[caller_id]}.{t}".lstrip(".") for t in run] for run in cls._fusedlinear_chains]
@@ -670,6 +694,11 @@ def _plan(model: nn.Module, refused: dict | None = None):
                          _path(paths[id(p.caller)]), how)
         if pair not in summary.fused:  # a forward with one graph per mode has each pair twice
             summary.fused.append(pair)
+    for linear_id, act in dynamo.items():
+        summary.fused.append(FusedPair(_path(paths[linear_id]), _describe(chosen[linear_id]),
+                                       _path(paths[id(callers(modules[linear_id])[0])]),
+                                       f"read by TorchDynamo from example_inputs; {_path(paths[id(act)])} became "
+                                       f"FusedActivation"))
     for module in modules.values():
         if type(module) is nn.Sequential and any(id(m) in new_layers for m in module._modules.values()):
             plan.append(lambda module=module: setattr(module, "__class__", FusedSequential))
