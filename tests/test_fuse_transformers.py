@@ -177,3 +177,58 @@ def test_refused_activation_is_reported_with_the_reason():
     _, report = fusedlinear.fuse(MLP(), report=True)
     (path, reason), = report.left_alone
     assert path == "fc" and "not taken for an activation" in reason and "nearest: gelu" in reason
+
+
+class _Scale(nn.Module):
+    def forward(self, x, **kwargs):
+        return x * kwargs.get("scale", 1.0)
+
+
+class _KwargsLayer(nn.Module):
+    """A forward torch.fx cannot trace: ``**kwargs`` passed on (as Hugging Face layers do)."""
+
+    def __init__(self, shared_act=False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(6, 6) for _ in range(4))
+        self.act = Formula(lambda x: x * torch.sigmoid(x))  # recognised as silu
+        self.act3 = nn.GELU()
+        self.inner = _Scale()
+        self.shared_act = shared_act
+
+    def forward(self, x, **kwargs):
+        h = self.act(self.fc1(x))                           # module activation: fused by TorchDynamo
+        y = nn.functional.relu(self.fc2(x))                 # functional: this forward cannot change
+        k = self.fc3(x)
+        z = self.act3(k) + k                                # fc3's output used twice
+        extra = self.act(x) if self.shared_act else 0       # act also called on another input
+        return self.inner(h + y + z + self.fc4(x) + extra, **kwargs)
+
+
+@pytest.mark.parametrize("shared_act", [False, True], ids=["own-act", "shared-act"])
+def test_untraceable_forward_is_read_by_dynamo(shared_act):
+    model = _KwargsLayer(shared_act).double()
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _, plain = fusedlinear.fuse(model, report=True)
+    assert not plain.fused
+    assert all("pass example_inputs=" in reason for _, reason in plain.left_alone), str(plain)
+
+    fused, report = fusedlinear.fuse(model, report=True, example_inputs=(x,))
+    reasons = dict(report.left_alone)
+    if shared_act:
+        assert not report.fused and "also called on other inputs" in reasons["fc1"], str(report)
+    else:
+        (pair,) = report.fused
+        assert (pair.linear, pair.activation) == ("fc1", "silu") and "TorchDynamo" in pair.how, str(report)
+        assert isinstance(fused.fc1, fusedlinear.FusedLinear) and isinstance(fused.act, fusedlinear.FusedActivation)
+    assert "no activation module after it" in reasons["fc2"], str(report)
+    assert "used 2 times" in reasons["fc3"], str(report)
+    assert "no activation module after it" in reasons["fc4"], str(report)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ref, got = model(xs[0], scale=2.0), fused(xs[1], scale=2.0)
+    torch.testing.assert_close(got, ref, **TOL)
+    ref.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, **TOL)
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m: f"{name}: {m}")

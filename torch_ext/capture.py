@@ -141,24 +141,30 @@ def _pair(node, linear, stacks, recognise):
     """``(spec, activation module)`` if ``node`` (linear's F.linear) feeds one activation module's
     call and nothing else, else the reason."""
     users = list(node.users)
-    if len(users) != 1:
-        return f"its output is used {len(users)} times in the example call" if users else "its output is not used"
-    (user,) = users
+    if not users:
+        return "its output is not used"
     outer = stacks[node][:-1]
-    inner = stacks.get(user, [])
-    if len(inner) <= len(outer) or inner[: len(outer)] != outer:
-        what = getattr(user.target, "__name__", str(user.target))
+    owners = []  # the module each user runs in, one level inside the Linear's caller (None: the caller itself)
+    for user in users:
+        inner = stacks.get(user, [])
+        owners.append(inner[len(outer)] if len(inner) > len(outer) and inner[: len(outer)] == outer else None)
+    act = owners[0]
+    if act is None or any(o is not act for o in owners):
+        if len(users) > 1:
+            return f"its output is used {len(users)} times in the example call"
+        what = getattr(users[0].target, "__name__", str(users[0].target))
         return f"no activation module after it in the example call (its output goes to {what}(...))"
-    act = inner[len(outer)]
     if isinstance(act, nn.Linear):
         return "no activation module after it in the example call (its output goes to another Linear)"
+    call = _call_nodes(users[0], id(act), stacks)
+    if any(u not in call for u in users):  # two calls of one module on the same output
+        return f"its output is used {len(users)} times in the example call"
     try:
         spec = recognise(act)
     except Exception as why:  # noqa: BLE001 - recognise raises Refused with the reason
         return f"its output goes to {type(act).__name__}, not taken for an activation: {why}"
     if spec[0] == "identity":
         return f"its output goes to {type(act).__name__}, which computes the identity: nothing to fuse"
-    call = _call_nodes(user, id(act), stacks)
     outside_inputs = {a for n in call for a in n.all_input_nodes if a not in call}
     if outside_inputs != {node}:
         return f"the call of {type(act).__name__} after it reads other traced values too"
