@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fusedlinear
-from fusedlinear.torch_ext.recognise import Refused, recognise
+from fusedlinear.torch_ext.fuse.recognise import Refused, recognise
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import ACT2CLS, ACT2FN  # noqa: E402

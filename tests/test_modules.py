@@ -186,7 +186,7 @@ def test_fuse_is_atomic(monkeypatch):
     """A failure while fuse builds its plan leaves an inplace model exactly as it was."""
     import importlib
 
-    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse")  # the module, not the function
+    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse.plan")  # the phase that builds the layers
 
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh())
     before = [(name, type(m)) for name, m in model.named_modules()]

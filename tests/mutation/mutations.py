@@ -52,8 +52,8 @@ MUTATIONS = [
          old='"where(z > 20.0, z, log1p(exp(z)))"', new='"where(z >= 20.0, z, log1p(exp(z)))"',
          tests=["tests/test_activation_ties.py", "-k", "softplus"],
          bug="softplus switches to z at the threshold itself, where PyTorch still takes log1p(exp(z))"),
-    # ---- torch_ext/recognise.py: activation modules by what they compute ----
-    dict(id="recognise-loose", file="torch_ext/recognise.py",
+    # ---- torch_ext/fuse/recognise.py: activation modules by what they compute ----
+    dict(id="recognise-loose", file="torch_ext/fuse/recognise.py",
          old="_FACTOR = 64\n", new="_FACTOR = 2**40\n",
          tests=["tests/test_fuse_transformers.py", "-k", "refuses"],
          bug="a tolerance far above rounding: a formula with a cut constant is taken for gelu_tanh"),
@@ -166,12 +166,12 @@ MUTATIONS = [
          new="            if False:  # create_graph: g'(Z) from Z recomputed with a graph in X, W, b",
          tests=[T_AUTOGRAD, "-k", "second_derivatives_equal and gelu"],
          bug="create_graph=True backward uses the detached saved A/Z: second derivatives through g'(Z) are lost"),
-    # ---- torch_ext/fuse.py: the fx-based fuse ----
+    # ---- torch_ext/fuse/: fuse ----
     dict(id="fuse-leaky-slope", file="torch_ext/modules.py",
          old='return cls, {"negative_slope": negative_slope}', new="return cls, {}",
          tests=[T_FUSE, "-k", "every_activation_form and leaky"],
          bug="fuse drops the LeakyReLU's negative_slope (the fused layer uses the default 0.01)"),
-    dict(id="fuse-active-dropout", file="torch_ext/fuse.py",
+    dict(id="fuse-active-dropout", file="torch_ext/fuse/patterns.py",
          old="spec[0] not in _COMMUTE_WITH_DROPOUT and drop.training:", new="spec[0] not in _COMMUTE_WITH_DROPOUT and not drop.training:",
          tests=[T_FUSE, "-k", "dropout_between"],
          bug="fuse checks the wrong mode: an active (training, p > 0) dropout before a non-commuting activation is fused over"),

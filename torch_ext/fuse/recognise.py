@@ -35,7 +35,8 @@ import random
 import torch
 from torch import nn
 
-from ..backend import activations as _registry
+from .trace import _changed, _state  # the attribute check fuse's tracing uses
+from ...backend import activations as _registry
 
 _U64, _U32 = 2.0**-53, 2.0**-24
 _FACTOR = 64
@@ -134,7 +135,6 @@ def _leaky_slope(got):
 def _probe(module: nn.Module):
     """(float64 values, float64 gradients, float32 values) of ``module`` on the grid, checking it is
     stateless, deterministic and element-wise in both modes; raises :class:`Refused`."""
-    from .fuse import _changed, _state  # the same attribute check fuse's tracing uses
 
     was = [(m, m.training) for m in module.modules()]
     rng, torch_rng = random.getstate(), torch.random.get_rng_state()
