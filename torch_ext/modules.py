@@ -141,24 +141,26 @@ def _fixed(name: str, activation: str, doc: str):
     })
 
 
-# One subclass per activation with nothing to set (the registry names each); GELU and LeakyReLU
-# take their argument and are written out below.
-_FIXED_DOC = {"relu": "``nn.ReLU``", "sigmoid": "``nn.Sigmoid``", "tanh": "``nn.Tanh``", "silu": "``nn.SiLU``",
-              "quick_gelu": "``x * torch.sigmoid(1.702 * x)`` (CLIP's QuickGELU)",
-              "gelu_fast": "Hugging Face's ``FastGELUActivation``", "relu6": "``nn.ReLU6``",
-              "relu2": "squared ReLU ``torch.square(torch.relu(x))``", "hardswish": "``nn.Hardswish``",
-              "hardsigmoid": "``nn.Hardsigmoid``", "mish": "``nn.Mish``",
-              "softplus": "``nn.Softplus()`` (beta=1, threshold=20)"}
-for _name, _doc in _FIXED_DOC.items():
-    _cls = _registry.REGISTRY[_name].fused_class
-    globals()[_cls] = _fixed(_cls, _name, f"``nn.Linear`` followed by {_doc}")
-FusedLinearReLU, FusedLinearSigmoid, FusedLinearTanh, FusedLinearSiLU = (
-    globals()[_registry.REGISTRY[n].fused_class] for n in ("relu", "sigmoid", "tanh", "silu"))
+FusedLinearReLU = _fixed("FusedLinearReLU", "relu", "``nn.Linear`` followed by ``nn.ReLU``")
+FusedLinearSigmoid = _fixed("FusedLinearSigmoid", "sigmoid", "``nn.Linear`` followed by ``nn.Sigmoid``")
+FusedLinearTanh = _fixed("FusedLinearTanh", "tanh", "``nn.Linear`` followed by ``nn.Tanh``")
+FusedLinearSiLU = _fixed("FusedLinearSiLU", "silu", "``nn.Linear`` followed by ``nn.SiLU``")
+FusedLinearQuickGELU = _fixed("FusedLinearQuickGELU", "quick_gelu",
+                              "``nn.Linear`` followed by ``x * torch.sigmoid(1.702 * x)`` (CLIP's QuickGELU)")
+FusedLinearFastGELU = _fixed("FusedLinearFastGELU", "gelu_fast",
+                             "``nn.Linear`` followed by Hugging Face's ``FastGELUActivation``")
+FusedLinearReLU6 = _fixed("FusedLinearReLU6", "relu6", "``nn.Linear`` followed by ``nn.ReLU6``")
+FusedLinearReLU2 = _fixed("FusedLinearReLU2", "relu2", "``nn.Linear`` followed by squared ReLU ``relu(x) ** 2``")
+FusedLinearHardswish = _fixed("FusedLinearHardswish", "hardswish", "``nn.Linear`` followed by ``nn.Hardswish``")
+FusedLinearHardsigmoid = _fixed("FusedLinearHardsigmoid", "hardsigmoid", "``nn.Linear`` followed by ``nn.Hardsigmoid``")
+FusedLinearMish = _fixed("FusedLinearMish", "mish", "``nn.Linear`` followed by ``nn.Mish``")
+FusedLinearSoftplus = _fixed("FusedLinearSoftplus", "softplus",
+                             "``nn.Linear`` followed by ``nn.Softplus()`` (beta=1, threshold=20)")
 
 
 def fused_class(activation: str, negative_slope: float = 0.0):
     """``(cls, kwargs)``: the fused layer class for a table entry and the arguments that pick it."""
-    cls = globals()[_registry.REGISTRY[activation].fused_class]
+    cls = _FUSED_CLASSES[_registry.REGISTRY[activation].fused_class]
     if activation in ("gelu", "gelu_tanh"):
         return cls, {"approximate": "none" if activation == "gelu" else "tanh"}
     if activation == "leaky_relu":
@@ -280,3 +282,11 @@ def chain_call(input, *layers):
             input = layer(input)
         return input
     return _run(list(layers), input)
+
+
+# The registry names each entry's fused class; every name must be one of the classes above.
+_FUSED_CLASSES = {cls.__name__: cls for cls in (
+    FusedLinear, FusedLinearReLU, FusedLinearSigmoid, FusedLinearTanh, FusedLinearSiLU, FusedLinearGELU,
+    FusedLinearLeakyReLU, FusedLinearQuickGELU, FusedLinearFastGELU, FusedLinearReLU6, FusedLinearReLU2,
+    FusedLinearHardswish, FusedLinearHardsigmoid, FusedLinearMish, FusedLinearSoftplus)}
+assert {e.fused_class for e in _registry.REGISTRY.values()} <= set(_FUSED_CLASSES), "registry names an unknown fused class"
