@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 
 import math
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,27 @@ from torch import nn
 import fusedlinear
 from fusedlinear.torch_ext.fuse.recognise import Refused, recognise
 
-transformers = pytest.importorskip("transformers")
+
+
+def _import_transformers():
+    """transformers imports Hugging Face's ``kernels`` package; with the repository root on sys.path
+    (``python -m pytest`` from it, as tests/mutation/run.py does) this project's ``kernels/`` folder
+    would shadow it. Import the installed one first, without the root, so transformers finds it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    try:
+        if "kernels" not in sys.modules:
+            try:
+                import kernels  # noqa: F401
+            except ImportError:
+                pass
+        return pytest.importorskip("transformers")
+    finally:
+        sys.path[:] = saved
+
+
+transformers = _import_transformers()
 from transformers.activations import ACT2CLS, ACT2FN  # noqa: E402
 
 # float64 through every layer: the fused kernels and PyTorch differ in summation order only
