@@ -75,6 +75,20 @@ MODELS = {
         d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64)),
              lambda: dict(input_ids=_ids(2, 5), decoder_input_ids=_ids(2, 3)), {"gelu": 4}),
+    "whisper": (lambda: transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=1, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
+                lambda: dict(input_features=torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(5)),
+                             decoder_input_ids=_ids(2, 3)), {"gelu": 4}),
+    "clip-text": (lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**SMALL)),  # quick_gelu default
+                  lambda: dict(input_ids=_ids(2, 5)), {"quick_gelu": 2}),
+    "mistral": (lambda: transformers.MistralModel(transformers.MistralConfig(**SMALL, num_key_value_heads=1)),
+                lambda: dict(input_ids=_ids(2, 5)), {"silu": 2}),
+    "gpt-neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**SMALL)),
+                 lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
+    "distilbert": (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=64)), lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
 }
 
 
