@@ -16,6 +16,17 @@ graph (the report says why) where tracing it sets attributes on modules (``self.
 ``self.last = h``; put back as they were), draws random numbers (``random``, ``torch.rand``:
 stochastic depth; the generators' states are put back), or gives another graph when traced again.
 
+Which calls are activations: torch's functions, methods and activation modules by the registry
+(:mod:`fusedlinear.backend.activations`), any other parameter-free module by what it computes
+(:mod:`.recognise`: values and gradients checked in float64 against the table's entry, refused
+with the reason otherwise). A Linear called from a forward fx cannot trace is read with
+TorchDynamo from ``example_inputs`` when given (:mod:`.capture`), where its activation is a module.
+
+The phases, one file each: :mod:`.trace` (fx graphs), :mod:`.capture` (TorchDynamo),
+:mod:`.patterns` (pairs and which Linear layers may change), :mod:`.recognise`, :mod:`.plan`
+(choosing, building), :mod:`.rewrite` (forwards without the activation calls), :mod:`.report`,
+:mod:`.unfuse`.
+
 How it changes a model, keeping the module tree and every ``state_dict`` key:
 
 * the ``nn.Linear`` becomes the fused layer, at the same name, sharing its parameters;

@@ -30,10 +30,13 @@ def _check_call(name: str, model, inplace, report=False) -> None:
 def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_inputs=None):
     """Replace each ``nn.Linear`` of ``model`` whose output only feeds an activation with the
     matching fused layer, wherever the model calls it: activation modules (``nn.ReLU``,
-    ``nn.GELU(approximate=...)``, ``nn.SiLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.LeakyReLU``),
-    functions (``F.relu``, ``F.gelu``, ``F.silu``, ``F.leaky_relu``, ``torch.relu``,
+    ``nn.GELU(approximate=...)``, ``nn.SiLU``, ``nn.Mish``, ... and any parameter-free module
+    that computes an activation of the table, e.g. Hugging Face's ``ACT2FN`` classes: see
+    :mod:`fusedlinear.torch_ext.fuse.recognise`), functions (``F.relu``, ``F.gelu``, ``F.silu``,
+    ``F.leaky_relu``, ``F.relu6``, ``F.hardswish``, ``F.mish``, ``F.softplus``, ``torch.relu``,
     ``torch.sigmoid``, ``torch.tanh``, ...) and tensor methods (``.relu()``, ``.sigmoid()``,
-    ``.tanh()``), in place variants included. Outputs and gradients stay those of the model; a
+    ``.tanh()``), in place variants included; the table of which is
+    :mod:`fusedlinear.backend.activations`. Outputs and gradients stay those of the model; a
     pair that cannot be fused so is left alone. State-dict keys are unchanged (checkpoints load
     both ways with ``strict=True``) and the fused layers share the Linear layers' parameters.
     How the model is read and changed: see :mod:`fusedlinear.torch_ext.fuse`.
@@ -41,7 +44,7 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_
     A Linear called from a forward that torch.fx cannot trace (Hugging Face's OPT, BART, Whisper
     layers, ...) is read with TorchDynamo instead when ``example_inputs`` is given (a dict of
     keyword arguments, a tuple of positional ones, or one tensor for one call of ``model``): its
-    pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.capture`).
+    pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.fuse.capture`).
 
     Returns a deep copy unless ``inplace=True`` (then ``model`` itself, changed only once the
     whole plan is made). With ``report=True`` returns ``(model, FuseReport)``: each pair fused and
@@ -271,8 +274,8 @@ def _build(tree: _Tree, summary, graphs, reasons, chosen, live, swappable, needs
         summary.rewritten.append(tree.path(caller_id))
         summary.chains += [[f"{tree.paths[caller_id]}.{t}".lstrip(".") for t in run] for run in cls._fusedlinear_chains]
     for p in live:
-        how = ("forward rewritten without the activation call" if id(p.caller) in needs_rewrite else
-               f"self.{p.act_node.target} became FusedActivation")
+        how = ("read by torch.fx; forward rewritten without the activation call" if id(p.caller) in needs_rewrite
+               else f"read by torch.fx; self.{p.act_node.target} became FusedActivation")
         pair = FusedPair(tree.path(p.caller.get_submodule(p.linear_node.target)), _describe(p.spec),
                          tree.path(p.caller), how)
         if pair not in summary.fused:  # a forward with one graph per mode has each pair twice
