@@ -52,6 +52,8 @@ def graphs(model: nn.Module, example_inputs) -> list:
         return gm.forward
 
     rng, torch_rng = random.getstate(), torch.random.get_rng_state()
+    # Each capture adds a cache entry to the model's forwards; past Dynamo's recompile limit it would
+    # run them eagerly and show no graph, so start from an empty cache (and leave none behind).
     torch.compiler.reset()
     try:
         with torch.no_grad():

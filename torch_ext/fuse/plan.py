@@ -45,6 +45,9 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_
     layers, ...) is read with TorchDynamo instead when ``example_inputs`` is given (a dict of
     keyword arguments, a tuple of positional ones, or one tensor for one call of ``model``): its
     pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.fuse.capture`).
+    That capture calls ``torch.compiler.reset()`` before and after (Dynamo's per-function limit on
+    cached graphs would otherwise end the capture after a few fuse calls): functions compiled
+    elsewhere in the process compile again on their next call.
 
     Returns a deep copy unless ``inplace=True`` (then ``model`` itself, changed only once the
     whole plan is made). With ``report=True`` returns ``(model, FuseReport)``: each pair fused and
