@@ -11,20 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import activations as _acts
+from . import activations as _registry
 
-FORWARD = {
-    "identity": lambda z, s: z,
-    "relu": lambda z, s: torch.relu(z),
-    "sigmoid": lambda z, s: torch.sigmoid(z),
-    "tanh": lambda z, s: torch.tanh(z),
-    "gelu": lambda z, s: F.gelu(z),
-    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
-    "silu": lambda z, s: F.silu(z),
-    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
-}
-assert set(FORWARD) == set(_acts.NAMES), "backend 'torch' must cover the activation table"
+FORWARD = {name: entry.torch for name, entry in _registry.REGISTRY.items()}  # (z, s) -> g(z)
 
-_NAMESPACE = {"exp": torch.exp, "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid, "where": torch.where}
+_NAMESPACE = {"exp": torch.exp, "log1p": torch.log1p, "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid, "where": torch.where}
 _BACKWARD = {name: compile(act.backward, f"<{name} backward>", "eval") for name, act in _acts.ACTIVATIONS.items()}
 
 

@@ -8,8 +8,8 @@ plain-PyTorch backend all evaluate the very same text:
 
 * names: ``z`` (pre-activation), ``a`` (the output ``g(z)``), ``da`` (incoming gradient),
   ``s`` (the leaky-ReLU negative slope);
-* functions: ``exp``, ``tanh``, ``erf``, ``sigmoid(x)``, ``where(cond, x, y)`` (a select, not a
-  branch: both sides are finite wherever the result is used).
+* functions: ``exp``, ``log1p``, ``tanh``, ``erf``, ``sigmoid(x)``, ``where(cond, x, y)`` (a
+  select, not a branch: both sides are evaluated, and the side not taken may be inf or NaN).
 
 ``saves`` says what backward needs from forward: ``"a"`` (the output, free: autograd keeps
 it anyway), ``"z"`` (one extra (B, N) tensor) or ``"none"``. ReLU, sigmoid and tanh get g'
@@ -61,6 +61,55 @@ _TABLE = (
     ),
     Activation("silu", "z * sigmoid(z)", "da * sigmoid(z) * (1.0 + z * (1.0 - sigmoid(z)))", "z"),
     Activation("leaky_relu", "where(z > 0.0, z, z * s)", "where(z > 0.0, da, da * s)", "z"),
+    # CLIP's default: z·σ(1.702 z) (HF QuickGELUActivation); g' as autograd differentiates that product.
+    Activation(
+        "quick_gelu",
+        "z * sigmoid(1.702 * z)",
+        "da * (sigmoid(1.702 * z) + 1.702 * z * sigmoid(1.702 * z) * (1.0 - sigmoid(1.702 * z)))",
+        "z",
+    ),
+    # HF FastGELUActivation ("gelu_fast"): gelu_tanh with sqrt(2/pi) cut to 0.7978845608 and the
+    # cube factored; differs from gelu_tanh by ~1e-12, so it is its own entry, written as HF writes it.
+    Activation(
+        "gelu_fast",
+        "0.5 * z * (1.0 + tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z)))",
+        "da * (0.5 * (1.0 + tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z)))"
+        " + 0.5 * z * (1.0 - tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z))"
+        " * tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z)))"
+        " * 0.7978845608 * (1.0 + 0.044715 * 3.0 * z * z))",
+        "z",
+    ),
+    # F.relu6 is hardtanh(z, 0, 6): autograd's g' is 0 at both ends (z <= 0 or z >= 6), which A tells.
+    Activation("relu6", "where(z <= 0.0, 0.0, where(z >= 6.0, 6.0, z))",
+               "where(a <= 0.0, 0.0, where(a >= 6.0, 0.0, da))", "a"),
+    # squared ReLU (HF "relu2": square(relu(z))): g' = 2z for z > 0, 0 at and below 0 like autograd.
+    Activation("relu2", "where(z <= 0.0, 0.0, z * z)", "where(z <= 0.0, 0.0, 2.0 * z * da)", "z"),
+    # PyTorch's hardswish z·min(max(z+3, 0), 6)/6; its backward takes g' = 0 at z = -3 and 1 at z = 3.
+    Activation(
+        "hardswish",
+        "z * where(z + 3.0 <= 0.0, 0.0, where(z + 3.0 >= 6.0, 6.0, z + 3.0)) / 6.0",
+        "where(z <= -3.0, 0.0, where(z < 3.0, da * (z / 3.0 + 0.5), da))",
+        "z",
+    ),
+    # PyTorch's hardsigmoid backward is 0 at z = ±3 and multiplies by the *float* 1/6
+    # (0.1666666716337204) in every dtype, so float64 gradients match autograd only with that constant.
+    Activation(
+        "hardsigmoid",
+        "where(z + 3.0 <= 0.0, 0.0, where(z + 3.0 >= 6.0, 6.0, z + 3.0)) / 6.0",
+        "where(z > -3.0, where(z < 3.0, da * 0.1666666716337204, 0.0), 0.0)",
+        "z",
+    ),
+    # F.mish: z·tanh(log1p(exp(z))), no threshold (exp overflows to inf, tanh(inf) = 1: a = z);
+    # g' is PyTorch's mish_backward term by term.
+    Activation(
+        "mish",
+        "z * tanh(log1p(exp(z)))",
+        "da * (tanh(log1p(exp(z))) + z * sigmoid(z) * (1.0 - tanh(log1p(exp(z))) * tanh(log1p(exp(z)))))",
+        "z",
+    ),
+    # F.softplus with its defaults beta = 1, threshold = 20: z itself above 20, as PyTorch does.
+    Activation("softplus", "where(z > 20.0, z, log1p(exp(z)))",
+               "where(z > 20.0, da, da * exp(z) / (exp(z) + 1.0))", "z"),
 )
 
 ACTIVATIONS: dict[str, Activation] = {act.name: act for act in _TABLE}

@@ -65,7 +65,7 @@ from .cpu_params import (  # noqa: F401  (the backend reads them here too)
 SIGNATURE = types.void(types.voidptr)  # void kernel(void *params)
 PHASES = ("forward", "backward_columns", "backward_rows")
 DTYPES = ("float32", "float64")
-exp, tanh, erf = math.exp, math.tanh, math.erf  # the table's functions, for the generated modules
+exp, log1p, tanh, erf = math.exp, math.log1p, math.tanh, math.erf  # the table's functions, for the generated modules
 
 
 @njit(inline="always")
@@ -256,7 +256,7 @@ def kernel_source(phase: str, activation: str | None, dtype: str, cache: bool) -
              "import numpy as np",
              "from numba import cfunc, njit",
              "from fusedlinear.kernels.cpu import SIGNATURE, backward_columns_body, backward_rows_body, forward_body",
-             "from fusedlinear.kernels.cpu import erf, exp, sigmoid, tanh, where  # noqa: F401",
+             "from fusedlinear.kernels.cpu import erf, exp, log1p, sigmoid, tanh, where  # noqa: F401",
              ""]
     if phase == "backward_rows":
         body = "backward_rows_body"

@@ -68,7 +68,9 @@ def test_fused_chain_gradcheck_and_gradgradcheck(activation, bias):
     assert gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+# PyTorch has no double backward for hardsigmoid ("derivative for aten::hardsigmoid_backward is not
+# implemented"): there is no autograd oracle; gradgradcheck above covers it (g'' = 0 between kinks).
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "hardsigmoid"])
 def test_second_derivatives_equal_autograds(activation):
     """A gradient penalty (the norm of dL/dx, differentiated in W, b and x) equals autograd's on the
     plain layers, for fused_linear, fused_chain and FusedLinearFunction.apply alike."""

@@ -309,6 +309,16 @@ FORMS = {
     ".relu_()": (None, lambda h: h.relu_(), "relu"),
     ".sigmoid()": (None, lambda h: h.sigmoid(), "sigmoid"),
     ".tanh()": (None, lambda h: h.tanh(), "tanh"),
+    "nn.ReLU6": (lambda: nn.ReLU6(), None, "relu6"),
+    "nn.Hardswish": (lambda: nn.Hardswish(), None, "hardswish"),
+    "nn.Hardsigmoid": (lambda: nn.Hardsigmoid(), None, "hardsigmoid"),
+    "nn.Mish": (lambda: nn.Mish(), None, "mish"),
+    "nn.Softplus": (lambda: nn.Softplus(), None, "softplus"),
+    "F.relu6": (None, lambda h: F.relu6(h), "relu6"),
+    "F.hardswish": (None, lambda h: F.hardswish(h), "hardswish"),
+    "F.hardsigmoid": (None, lambda h: F.hardsigmoid(h), "hardsigmoid"),
+    "F.mish": (None, lambda h: F.mish(h), "mish"),
+    "F.softplus": (None, lambda h: F.softplus(h), "softplus"),
 }
 
 
@@ -340,7 +350,8 @@ def test_unknown_calls_and_non_constant_arguments_are_left_alone():
             self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
 
         def forward(self, x):
-            return F.softplus(self.a(x)) + F.leaky_relu(self.b(x), x.shape[0] * 0.1) + torch.relu(self.c(x), out=None)
+            # softplus with beta 2 is no table entry (the table's is F.softplus's defaults)
+            return F.softplus(self.a(x), beta=2.0) + F.leaky_relu(self.b(x), x.shape[0] * 0.1) + torch.relu(self.c(x), out=None)
 
     fused, report = fusedlinear.fuse(Model(), report=True)
     assert len(report.fused) == 0 and len(report.left_alone) == 3, str(report)
@@ -643,7 +654,7 @@ def test_a_forward_tracing_otherwise_when_installed_is_left_unchanged(monkeypatc
     """Between planning and installing, the forward's graph changes (a global flag flips): fuse
     leaves the module as it was and says why, instead of a KeyError or a half-applied plan."""
     import importlib
-    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse")
+    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse.plan")  # where _plan looks it up
     original = fuse_module._rewritten_class
 
     def flip_then_build(*args):

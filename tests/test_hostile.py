@@ -38,7 +38,7 @@ CASES = [
     ("bias-length", X, W, t(3), "relu", 0.01, ValueError, r"bias must have shape \(4,\)"),
     ("weight-3d", X, t(1, 4, 5), B, "relu", 0.01, ValueError, "weight must be 2-D"),
     ("scalar-input", torch.tensor(1.0), W, B, "relu", 0.01, ValueError, "at least 1 dimension"),
-    ("unknown-activation", X, W, B, "mish", 0.01, ValueError, "unknown activation 'mish'"),
+    ("unknown-activation", X, W, B, "swish", 0.01, ValueError, "unknown activation 'swish'"),
     ("batch-0", t(0, 5), W, B, "tanh", 0.01, None, None),
     ("batch-0-4d", t(0, 3, 2, 5), W, B, "sigmoid", 0.01, None, None),
     ("k-0-gives-bias", t(6, 0), t(4, 0), B, "gelu", 0.01, None, None),

@@ -186,7 +186,7 @@ def test_fuse_is_atomic(monkeypatch):
     """A failure while fuse builds its plan leaves an inplace model exactly as it was."""
     import importlib
 
-    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse")  # the module, not the function
+    fuse_module = importlib.import_module("fusedlinear.torch_ext.fuse.plan")  # the phase that builds the layers
 
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh())
     before = [(name, type(m)) for name, m in model.named_modules()]
@@ -246,3 +246,26 @@ def test_one_activation_module_used_after_several_layers():
     plain = fusedlinear.unfuse(fused.eval())
     assert plain[1] is plain[3] and type(plain[1]) is nn.ReLU and not plain[1].training
     assert plain[0].tag == "first" and not hasattr(plain[0], "activation")
+
+
+@pytest.mark.parametrize("activation", [a for a in fusedlinear.ACTIVATIONS if a != "identity"])
+def test_every_activation_of_the_table_has_its_class_and_is_fused_and_unfused(activation):
+    """The registry names each entry's fused class and nn module: from_linear equals the module after
+    the Linear, fuse finds the pair in an nn.Sequential, unfuse puts the same kind of module back."""
+    from fusedlinear.backend.activations import REGISTRY
+    from fusedlinear.torch_ext.modules import fused_class
+
+    cls, kwargs = fused_class(activation, 0.2)
+    assert cls.__name__ == REGISTRY[activation].fused_class and hasattr(fusedlinear, cls.__name__)
+    linear, act = nn.Linear(12, 7).double(), REGISTRY[activation].module(0.2)
+    x = torch.randn(5, 12, dtype=torch.float64) * 4  # past hardswish's and relu6's bends
+    fused_layer = cls.from_linear(linear, **kwargs)
+    assert fused_layer.activation == activation
+    torch.testing.assert_close(fused_layer(x), act(linear(x)))
+    model = nn.Sequential(linear, act)
+    fused, report = fusedlinear.fuse(model, report=True)
+    described = "leaky_relu(0.2)" if activation == "leaky_relu" else activation
+    assert [(p.linear, p.activation) for p in report.fused] == [("0", described)], str(report)
+    torch.testing.assert_close(fused(x), model(x))
+    back = fusedlinear.unfuse(fused)
+    assert type(back[0]) is nn.Linear and type(back[1]) is type(act)

@@ -197,7 +197,8 @@ def test_cpu_calls_are_bitwise_repeatable():
 # and the slope, sigmoid 0.5 and 0.25, tanh 0 and 1, gelu/gelu_tanh/silu 0 and 0.5. A formula that
 # selects with >= where PyTorch uses > (or the reverse) differs only here.
 G_AT_ZERO = {"identity": 0.0, "relu": 0.0, "sigmoid": 0.5, "tanh": 0.0, "gelu": 0.0, "gelu_tanh": 0.0,
-             "silu": 0.0, "leaky_relu": 0.0}
+             "silu": 0.0, "leaky_relu": 0.0, "quick_gelu": 0.0, "gelu_fast": 0.0, "relu6": 0.0, "relu2": 0.0,
+             "hardswish": 0.0, "hardsigmoid": 0.5, "mish": 0.0, "softplus": 0.6931471805599453}  # log 2, rounded to the dtype
 
 
 def tie_inputs(m, k, n, dtype, bias, seed=5):

@@ -8,6 +8,14 @@ from .modules import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedLinearQuickGELU,
+    FusedLinearFastGELU,
+    FusedLinearReLU6,
+    FusedLinearReLU2,
+    FusedLinearHardswish,
+    FusedLinearHardsigmoid,
+    FusedLinearMish,
+    FusedLinearSoftplus,
     FusedActivation,
     FusedSequential,
 )
@@ -16,5 +24,5 @@ from .ops import FusedChainFunction, FusedLinearFunction, fused_chain, fused_lin
 
 __all__ = [
     "FusedLinear", "FusedLinearGELU", "FusedLinearLeakyReLU", "FusedLinearReLU", "FusedLinearSigmoid",
-    "FusedLinearSiLU", "FusedLinearTanh", "FusedActivation", "FusedSequential", "FuseReport", "FusedChainFunction", "FusedLinearFunction", "fused_chain", "fused_linear", "fuse", "unfuse",
+    "FusedLinearSiLU", "FusedLinearTanh", "FusedLinearQuickGELU", "FusedLinearFastGELU", "FusedLinearReLU6", "FusedLinearReLU2", "FusedLinearHardswish", "FusedLinearHardsigmoid", "FusedLinearMish", "FusedLinearSoftplus", "FusedActivation", "FusedSequential", "FuseReport", "FusedChainFunction", "FusedLinearFunction", "fused_chain", "fused_linear", "fuse", "unfuse",
 ]

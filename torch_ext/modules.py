@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ..backend import activations as _registry
 from ..kernels import activations as _acts
 from .ops import fused_chain, fused_linear
 
@@ -24,8 +25,9 @@ class FusedLinear(nn.Module):
         in_features: size of each input sample
         out_features: size of each output sample
         bias: If set to ``False``, the layer will not learn an additive bias. Default: ``True``
-        activation: ``g``, one of ``identity, relu, sigmoid, tanh, gelu, gelu_tanh, silu,
-            leaky_relu``. Default: ``"relu"``
+        activation: ``g``, a name of the activation table (``fusedlinear.ACTIVATIONS``: identity,
+            relu, sigmoid, tanh, gelu, gelu_tanh, silu, leaky_relu, quick_gelu, gelu_fast, relu6,
+            relu2, hardswish, hardsigmoid, mish, softplus). Default: ``"relu"``
         negative_slope: slope of ``leaky_relu`` for negative inputs. Default: ``0.01``
 
     Shape:
@@ -119,16 +121,7 @@ class FusedLinear(nn.Module):
 
     def activation_module(self) -> nn.Module:
         """The plain PyTorch module for this layer's activation."""
-        return {
-            "identity": lambda: nn.Identity(),
-            "relu": lambda: nn.ReLU(),
-            "sigmoid": lambda: nn.Sigmoid(),
-            "tanh": lambda: nn.Tanh(),
-            "gelu": lambda: nn.GELU(),
-            "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-            "silu": lambda: nn.SiLU(),
-            "leaky_relu": lambda: nn.LeakyReLU(self.negative_slope),
-        }[self.activation]()
+        return _registry.REGISTRY[self.activation].module(self.negative_slope)
 
 
 def _fixed(name: str, activation: str, doc: str):
@@ -152,6 +145,29 @@ FusedLinearReLU = _fixed("FusedLinearReLU", "relu", "``nn.Linear`` followed by `
 FusedLinearSigmoid = _fixed("FusedLinearSigmoid", "sigmoid", "``nn.Linear`` followed by ``nn.Sigmoid``")
 FusedLinearTanh = _fixed("FusedLinearTanh", "tanh", "``nn.Linear`` followed by ``nn.Tanh``")
 FusedLinearSiLU = _fixed("FusedLinearSiLU", "silu", "``nn.Linear`` followed by ``nn.SiLU``")
+FusedLinearQuickGELU = _fixed("FusedLinearQuickGELU", "quick_gelu",
+                              "``nn.Linear`` followed by ``x * torch.sigmoid(1.702 * x)`` (CLIP's QuickGELU)")
+FusedLinearFastGELU = _fixed("FusedLinearFastGELU", "gelu_fast",
+                             "``nn.Linear`` followed by Hugging Face's ``FastGELUActivation``")
+FusedLinearReLU6 = _fixed("FusedLinearReLU6", "relu6", "``nn.Linear`` followed by ``nn.ReLU6``")
+FusedLinearReLU2 = _fixed("FusedLinearReLU2", "relu2", "``nn.Linear`` followed by squared ReLU ``relu(x) ** 2``")
+FusedLinearHardswish = _fixed("FusedLinearHardswish", "hardswish", "``nn.Linear`` followed by ``nn.Hardswish``")
+FusedLinearHardsigmoid = _fixed("FusedLinearHardsigmoid", "hardsigmoid", "``nn.Linear`` followed by ``nn.Hardsigmoid``")
+FusedLinearMish = _fixed("FusedLinearMish", "mish", "``nn.Linear`` followed by ``nn.Mish``")
+FusedLinearSoftplus = _fixed("FusedLinearSoftplus", "softplus",
+                             "``nn.Linear`` followed by ``nn.Softplus()`` (beta=1, threshold=20)")
+
+
+def fused_class(activation: str, negative_slope: float = 0.0):
+    """``(cls, kwargs)``: the fused layer class for a table entry and the arguments that pick it."""
+    cls = _FUSED_CLASSES[_registry.REGISTRY[activation].fused_class]
+    if activation in ("gelu", "gelu_tanh"):
+        return cls, {"approximate": "none" if activation == "gelu" else "tanh"}
+    if activation == "leaky_relu":
+        return cls, {"negative_slope": negative_slope}
+    if cls is FusedLinear:
+        return cls, {"activation": activation}
+    return cls, {}
 
 
 class FusedLinearGELU(FusedLinear):
@@ -266,3 +282,11 @@ def chain_call(input, *layers):
             input = layer(input)
         return input
     return _run(list(layers), input)
+
+
+# The registry names each entry's fused class; every name must be one of the classes above.
+_FUSED_CLASSES = {cls.__name__: cls for cls in (
+    FusedLinear, FusedLinearReLU, FusedLinearSigmoid, FusedLinearTanh, FusedLinearSiLU, FusedLinearGELU,
+    FusedLinearLeakyReLU, FusedLinearQuickGELU, FusedLinearFastGELU, FusedLinearReLU6, FusedLinearReLU2,
+    FusedLinearHardswish, FusedLinearHardsigmoid, FusedLinearMish, FusedLinearSoftplus)}
+assert {e.fused_class for e in _registry.REGISTRY.values()} <= set(_FUSED_CLASSES), "registry names an unknown fused class"

@@ -16,6 +16,14 @@ from .torch_ext import (
     FusedLinearSigmoid,
     FusedLinearSiLU,
     FusedLinearTanh,
+    FusedLinearQuickGELU,
+    FusedLinearFastGELU,
+    FusedLinearReLU6,
+    FusedLinearReLU2,
+    FusedLinearHardswish,
+    FusedLinearHardsigmoid,
+    FusedLinearMish,
+    FusedLinearSoftplus,
     FusedActivation,
     FusedSequential,
     FuseReport,
@@ -29,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "FusedLinear", "FusedLinearFunction", "FusedLinearGELU", "FusedLinearLeakyReLU",
-    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedActivation",
+    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedLinearQuickGELU", "FusedLinearFastGELU", "FusedLinearReLU6", "FusedLinearReLU2", "FusedLinearHardswish", "FusedLinearHardsigmoid", "FusedLinearMish", "FusedLinearSoftplus", "FusedActivation",
     "FusedSequential", "FuseReport",
     "available_backends", "fuse", "fused_chain", "fused_linear", "unfuse", "use_backend", "__version__",
 ]

@@ -49,11 +49,9 @@ def _samples(fn, warmup: int, reps: int, min_seconds: float) -> list[float]:
 
 
 def _activation_module(name):
-    from torch import nn
+    from .backend.activations import REGISTRY
 
-    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU,
-            "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": nn.LeakyReLU,
-            "identity": nn.Identity}[name]()
+    return REGISTRY[name].module(0.01)  # nn.LeakyReLU's default slope
 
 
 def _blas_layer(batch, k, n, mode):

@@ -18,8 +18,10 @@ the way rounding errors propagate, in float64 beside the reference values:
   vectorised exp/erf/tanh; |Z| covers the cancellation in gelu's ``1 + erf`` where A → 0);
 * dZ = dA·g'(·): ``sup|g'|·err(dA)`` + ``2·|dA|·(err(Z) + err(A))`` (g' is evaluated at the
   kernel's Z or A; |g''| ≤ 2 for every smooth activation of the table, via A or via Z) plus
-  its rounding; for relu and leaky_relu, where g' jumps at 0, an element whose |Z| is within
-  err(Z) of 0 may take either side: ``jump·|dA|``.
+  its rounding; where g' jumps (relu and leaky_relu at 0, relu6 at 0 and 6, hardswish and
+  hardsigmoid at ±3), an element whose Z is within err(Z) of the point may take either side:
+  ``jump·|dA|``. Each activation's sup|g'|, jumps and smoothness are in
+  ``fusedlinear.backend.activations`` (relu2's g' = 2z has no global bound: 2(|z| + 1) there).
 
 ``u`` is the dtype's unit roundoff; ``u_acc`` the accumulation's: float32 for float16 and
 bfloat16 (PyTorch's GEMMs and sums accumulate half dtypes in float32, rounding the result
@@ -55,26 +57,15 @@ TOLERANCE_REASONS = {
 }
 
 
-# The float64 reference of each activation is PyTorch's own function, by the table's name, with
-# what the error bound needs: sup|g'| (a function of the slope) and the jump of g' at 0 for the
-# piecewise-linear ones (None: g' is smooth, with |g''| <= 2 as a function of Z and of A).
-@dataclass(frozen=True)
-class RefActivation:
-    fn: object  # (z, slope) -> g(z)
-    max_slope: object  # slope -> sup |g'|
-    jump: object  # slope -> |g'(0+) - g'(0-)|, or None where g' is continuous
+# The float64 reference of each activation and what its error bound needs (sup|g'| near z, the
+# points where g' jumps, whether g' varies smoothly) come from the torch-side registry.
+def _reference_table():
+    from .backend.activations import REGISTRY
+
+    return {name: (entry.torch, entry.parity) for name, entry in REGISTRY.items()}
 
 
-REFERENCE = {
-    "identity": RefActivation(lambda z, s: z, lambda s: 1.0, lambda s: 0.0),
-    "relu": RefActivation(lambda z, s: torch.relu(z), lambda s: 1.0, lambda s: 1.0),
-    "sigmoid": RefActivation(lambda z, s: torch.sigmoid(z), lambda s: 0.25, None),
-    "tanh": RefActivation(lambda z, s: torch.tanh(z), lambda s: 1.0, None),
-    "gelu": RefActivation(lambda z, s: F.gelu(z), lambda s: 1.13, None),  # sup gelu' = 1.1289
-    "gelu_tanh": RefActivation(lambda z, s: F.gelu(z, approximate="tanh"), lambda s: 1.13, None),
-    "silu": RefActivation(lambda z, s: F.silu(z), lambda s: 1.1, None),  # sup silu' = 1.0998
-    "leaky_relu": RefActivation(lambda z, s: F.leaky_relu(z, s), lambda s: max(1.0, abs(s)), lambda s: abs(1.0 - s)),
-}
+REFERENCE = _reference_table()
 
 
 def _check_table() -> None:
@@ -129,7 +120,7 @@ def _reference(x, layers, grad, device):
     err_h = torch.zeros_like(h)
     params, kept = [], []
     for w, b, activation, slope in layers:
-        ref = REFERENCE[activation]
+        fn, bounds = REFERENCE[activation]
         w = w.detach().double().cpu().requires_grad_(True)
         b = None if b is None else b.detach().double().cpu().requires_grad_(True)
         params.append((w, b))
@@ -137,9 +128,9 @@ def _reference(x, layers, grad, device):
         mag = h.detach().abs() @ w.detach().abs().t() + (0 if b is None else b.detach().abs())
         err_z = fresh(w.shape[1]) * mag + err_h @ w.detach().abs().t()
         z.retain_grad()
-        a = ref.fn(z, slope)
+        a = fn(z, slope)
         za, zd = a.detach().abs(), z.detach().abs()
-        err_a = ref.max_slope(slope) * err_z + SAFETY * u * (za + zd)
+        err_a = bounds.max_slope(zd, slope) * err_z + SAFETY * u * (za + zd)
         a.retain_grad()
         kept.append((h, err_h, z, err_z, err_a, a))
         h, err_h = a, err_a
@@ -151,17 +142,17 @@ def _reference(x, layers, grad, device):
     err_da = torch.zeros_like(h)
     for i in range(len(layers) - 1, -1, -1):
         activation, slope = layers[i][2], layers[i][3]
-        ref = REFERENCE[activation]
+        bounds = REFERENCE[activation][1]
         (w, b), (xi, err_x, z, err_z, err_a, a) = params[i], kept[i]
         da = a.grad.abs() + err_da
         zd = z.detach()
-        g1 = ref.max_slope(slope)
+        g1 = bounds.max_slope(zd.abs(), slope)
         dz = z.grad.abs()
         err_dz = g1 * err_da + SAFETY * u * da * (g1 + 1 + zd.abs())
-        if ref.jump is None:
+        if bounds.smooth:
             err_dz = err_dz + 2 * da * (err_z + err_a)
-        else:
-            err_dz = err_dz + torch.where(zd.abs() <= err_z, ref.jump(slope) * da, 0.0)
+        for point, jump in bounds.kinks:
+            err_dz = err_dz + torch.where((zd - point).abs() <= err_z, jump(slope) * da, 0.0)
         xa, wa = xi.detach().abs(), w.detach().abs()
         m, n = zd.shape
         out[f"weight{i}"] = (w.grad, fresh(m) * (dz.t() @ xa) + err_dz.t() @ xa + dz.t() @ err_x)

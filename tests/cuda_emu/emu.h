@@ -14,6 +14,7 @@
 
 using std::erf;
 using std::exp;
+using std::log1p;
 using std::tanh;
 
 struct dim3 {
