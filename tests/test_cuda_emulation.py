@@ -205,3 +205,57 @@ def test_thread_sanitizer_catches_a_missing_syncthreads(tmp_path, sync):
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
         assert proc.returncode != 0 and "data race" in proc.stderr, proc.stderr[-3000:]
+
+
+def _lowp_case(exe, work, dtype, activation, slope, shape, grad_rows_kept=None):
+    """The vendor path (emulated kernels) in ``dtype``: (output, dX, dW, db). ``grad_rows_kept``
+    plants a bug: dA's later rows are dropped, as a kernel that skipped rows would."""
+    m, k, n = shape
+    x, w, b = make_inputs((m,), k, n, dtype, seed=m + k)
+    launch = emulator.launcher(exe, work)
+    a, z = cupy_cuda.vendor_forward(x, w, b, activation, slope, launch)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    if grad_rows_kept is not None:
+        grad[grad_rows_kept:] = 0
+    saved = {"a": a, "z": z, "none": x.new_empty(0)}[TABLE[activation].saves]
+    return (a, *cupy_cuda.vendor_backward(grad, saved, x, w, activation, slope, (True, True, True), launch))
+
+
+def _eager_and_float64(dtype, activation, slope, shape):
+    """Eager PyTorch in ``dtype`` and in float64, each (output, dX, dW, db), from the same values."""
+    m, k, n = shape
+    x, w, b = make_inputs((m,), k, n, dtype, seed=m + k)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    results = []
+    for cast in (dtype, torch.float64):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (x, w, b)]
+        out = reference(*leaves, activation, slope)
+        out.backward(grad.to(cast))
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_lowp_error_model_passes_the_kernels_and_catches_planted_bugs(builds, tmp_path, dtype):
+    """tests/lowp_model.py (what tests/test_gpu.py and gpu_smoke.py judge 16-bit results by):
+    the kernels pass it at the GPU run's failing shape, and planted bugs fail it."""
+    from lowp_model import lowp_error
+
+    exe, work, shape, names = builds("plain"), str(tmp_path), (300, 257, 131), ("output", "dX", "dW", "db")
+    for activation in ("tanh", "gelu", "leaky_relu"):
+        eager, ref = _eager_and_float64(dtype, activation, 0.37, shape)
+        got = _lowp_case(exe, work, dtype, activation, 0.37, shape)
+        assert [lowp_error(*t, dtype, nm) for t, nm in zip(zip(got, eager, ref), names)] == [None] * 4
+    tiny_eager, tiny_ref = _eager_and_float64(dtype, "silu", 0.37, (1, 2, 3))
+    tiny = _lowp_case(exe, work, dtype, "silu", 0.37, (1, 2, 3))
+    assert all(lowp_error(g, e, r, dtype) is None for g, e, r in zip(tiny, tiny_eager, tiny_ref))
+
+    def failing(got, eager, ref):
+        return [nm for g, e, r, nm in zip(got, eager, ref, names) if lowp_error(g, e, r, dtype, nm)]
+
+    eager, ref = _eager_and_float64(dtype, "leaky_relu", 0.37, shape)
+    assert failing(_lowp_case(exe, work, dtype, "leaky_relu", 0.30, shape), eager, ref) == list(names)  # wrong slope
+    eager, ref = _eager_and_float64(dtype, "gelu", 0.37, shape)
+    assert failing(_lowp_case(exe, work, dtype, "silu", 0.37, shape), eager, ref) == list(names)  # another g
+    assert failing(_lowp_case(exe, work, dtype, "gelu", 0.37, shape, grad_rows_kept=299), eager, ref) == \
+        ["dX", "dW", "db"]  # one of 300 rows of dA skipped
