@@ -36,7 +36,7 @@ def test_plans_launch_only_kernels_the_modules_define():
     for dtype in cuda.TAGS:
         for act in activations.NAMES:
             launched += cuda.act_forward_plan(dtype, 100, act, 0.1)
-            launched += cuda.grad_plan(dtype, 100, 7, 9, act, 0.1, True, True)
+            launched += cuda.grad_plan(dtype, 100, 7, (9, 1), act, 0.1, True, True)
     for dtype in cuda.GEMM_DTYPES:
         for act in activations.NAMES:
             launched += cuda.gemm_forward_plan(dtype, 5, 6, 7, 7, 7, True, act, 0.0)
@@ -50,12 +50,13 @@ def test_plans_launch_only_kernels_the_modules_define():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 64, 8192, 2**22 + 1, 2**31 - 1, 2**33])
 def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
-    # Launch() checks every grid on construction; the dZ+db pass covers every row exactly once.
+    # Launch() checks every grid on construction; the dZ+db pass is one launch whose blocks cover
+    # every column (each block walks all rows of its columns).
     n = 300
-    plan = cuda.grad_plan("float32", m, n, n, "relu", 0.0, True, True)
-    grid, block, rows, chunks = tiling.cuda_grad_grid(m, n)
-    assert (chunks - 1) * rows < m <= chunks * rows and plan[0].grid[1] == chunks <= 65535
-    assert len(plan) == (1 if chunks == 1 else 2)
+    plan = cuda.grad_plan("float32", m, n, (n, 1), "relu", 0.0, True, True)
+    (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n)
+    assert len(plan) == 1 and plan[0].grid == (gx, gy, gz) and (gy, gz) == (1, 1)
+    assert (gx - 1) * bx < n <= gx * bx and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
     if m < 2**31:
         (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)
         assert gx * tiling.CUDA_TILE_M >= m and gy * tiling.CUDA_TILE_N >= n
