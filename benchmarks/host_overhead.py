@@ -19,7 +19,8 @@ CUDA tensors in this tree (it takes CPU tensors only, so CUDA calls go through `
 ``--no-cuda-valid`` shows what the fast path would give them.
 
 Eager on the same harness: ``relu(F.linear(x, w, b))`` and its backward on the same tensors.
-Prints the median (p20-p80) of per-call µs over ``--rounds`` rounds of ``--inner`` calls each.
+Prints the median (p20-p80) of per-call µs of the thread's CPU time over ``--rounds`` rounds of
+``--inner`` calls each, and the Python and C function calls of one call (load-independent).
 
     python benchmarks/host_overhead.py [--rounds 15] [--inner 2000]
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -65,16 +67,36 @@ def install_stubs(cuda_valid: bool) -> None:
 
 
 def measure(fn, inner: int, rounds: int) -> tuple[float, float, float]:
+    """Median (p20, p80) µs per call of this thread's CPU time (time.thread_time: on a shared,
+    loaded machine, wall time mostly measures the other processes)."""
     for _ in range(200):
         fn()
     per_call = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(inner):
             fn()
-        per_call.append((time.perf_counter() - t0) / inner * 1e6)
+        per_call.append((time.thread_time() - t0) / inner * 1e6)
     q = statistics.quantiles(per_call, n=5)
     return statistics.median(per_call), q[0], q[-1]
+
+
+def python_calls(fn) -> tuple[int, int]:
+    """(Python function calls, C function calls) one call of ``fn`` makes: a count that no load
+    can blur (autograd's backward of CPU tensors runs on the calling thread, so it is counted)."""
+    counts = {"call": 0, "c_call": 0}
+
+    def hook(frame, event, arg):
+        if event in counts:
+            counts[event] += 1
+
+    fn()
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return counts["call"] - 1, counts["c_call"]  # less the call of fn itself
 
 
 def main():
@@ -124,7 +146,8 @@ def main():
     for name, fn in (("eager forward", eager_fwd), ("fused forward", fused_fwd),
                      ("eager forward+backward", eager_step), ("fused forward+backward", fused_step)):
         med, lo, hi = measure(fn, args.inner, args.rounds)
-        print(f"  {name:24s} {med:7.2f} ({lo:.2f}-{hi:.2f})")
+        py, c = python_calls(fn)
+        print(f"  {name:24s} {med:7.2f} ({lo:.2f}-{hi:.2f}) µs CPU   {py:4d} Python calls, {c:4d} C calls")
 
 
 if __name__ == "__main__":
