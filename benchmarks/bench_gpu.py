@@ -121,7 +121,9 @@ class Bench:
 def check(eager_out, got, what):
     err = (got.float() - eager_out.float()).abs().max().item()
     scale = max(eager_out.float().abs().max().item(), 1.0)
-    tol = 3e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-3  # vs eager in the same dtype; TF32 too
+    # vs eager in the same dtype: 16-bit and TF32 GEMMs (10-bit products) differ by a few of their ulps
+    tf32 = got.dtype == torch.float32 and got.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tol = 3e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-2 if tf32 else 1e-3
     if not err <= tol * scale:
         raise AssertionError(f"{what}: fused differs from eager by {err:.3g} (scale {scale:.3g})")
 
@@ -206,7 +208,8 @@ def mnist_rows(bench: Bench, compiled: bool):
         y = torch.randint(0, 10, (b,), device=bench.device)
         first_loss = {}
         for way in ways:
-            for provider in bench.providers(dtype):
+            # compiles cost about a minute each: eager and the default engine only
+            for provider in bench.providers(dtype)[:2] if compiled else bench.providers(dtype):
                 def measure():
                     model = _mnist(bench, dtype, provider)
                     opt = torch.optim.SGD(model.parameters(), lr=0.01)
