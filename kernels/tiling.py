@@ -75,7 +75,10 @@ CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  
 CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
 CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (one warp wide) ...
-CUDA_GRAD_LANES = 32  # ... times at most this many row lanes (1024 threads)
+# ... times at most this many row lanes: 256 threads, so that any instance launches whatever its
+# register count (64 K registers per SM / 256 = 256 >= the 255 a thread may use; float64 GELU's
+# takes 156, which a 1024-thread block could not launch)
+CUDA_GRAD_LANES = 8
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
 CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)
 CUDA_BLOCK_MAX_THREADS = 1024
