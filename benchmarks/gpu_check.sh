@@ -44,9 +44,15 @@ if [ -z "${CUDA_PATH:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_PATH=/usr
 # of the budget; SIGTERM, then SIGKILL 5 s later, to its whole process group), output appended to
 # LOG, one line in steps.txt.
 : > "$OUT/steps.txt"
+# GPU_CHECK_ONLY=tests,memcheck,... (step names, spaces as dashes: bench-layers): a short rerun of
+# those steps (gpu, install and import always run).
+ONLY=${GPU_CHECK_ONLY:-}
 step() {
   local name=$1 limit=$2 log=$3 left t0 rc note
   shift 3
+  case "$name" in gpu|install|import) ;; *)
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",${name// /-},"* ]]; then return; fi ;;
+  esac
   left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt "$limit" ]; then limit=$left; fi
   if [ "$limit" -lt 5 ]; then

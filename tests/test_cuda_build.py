@@ -107,8 +107,12 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
     assert set(report) == set(cuda.kernel_names(module))
     spilling = {n: r for n, r in report.items() if r.get("spill_stores") or r.get("spill_loads") or r.get("stack")}
     assert not spilling, f"register spills or local memory: {spilling}"
-    for r in report.values():
+    # every block the plans launch fits one SM's 64 K registers, whatever the instance's count
+    threads = {"gemm": tiling.CUDA_THREADS,
+               "elementwise": max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES)}[module]
+    for name, r in report.items():
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
+        assert r["registers"] * threads <= 65536, f"{name}: {r['registers']} registers x {threads} threads"
 
 
 @pytest.mark.parametrize("value,engine", [("", "vendor"), ("own", "own"), ("vendor", "vendor"), ("cublas", None)])
