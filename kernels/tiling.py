@@ -75,10 +75,11 @@ CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  
 CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
 CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (one warp wide) ...
-# ... times at most this many row lanes: 256 threads, so that any instance launches whatever its
-# register count (64 K registers per SM / 256 = 256 >= the 255 a thread may use; float64 GELU's
-# takes 156, which a 1024-thread block could not launch)
-CUDA_GRAD_LANES = 8
+# ... times at most this many row lanes: 512 threads, so an instance may use up to 128 registers
+# (64 K per SM) and still launch (16/32-bit instances take <= 48 on sm_80/sm_90); float64 takes
+# 256 threads (its GELU instance takes 156 registers on sm_90)
+CUDA_GRAD_LANES = 16
+CUDA_GRAD_LANES_F64 = 8
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
 CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)
 CUDA_BLOCK_MAX_THREADS = 1024
@@ -116,12 +117,12 @@ def cuda_elementwise_grid(count: int) -> tuple[tuple[int, int, int], tuple[int, 
     return (blocks, 1, 1), (CUDA_EW_THREADS, 1, 1)
 
 
-def cuda_grad_grid(m: int, n: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def cuda_grad_grid(m: int, n: int, max_lanes: int = CUDA_GRAD_LANES) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, block) for backward's one-launch dZ + db pass over an (m, n) gradient: blocks of
     CUDA_GRAD_COLS columns x row lanes, each block walking all m rows of its columns. Lanes: about
     m / 8 (each lane walks >= 8 rows, so its sum amortises the block's final reduction), a power
-    of two from 1 to CUDA_GRAD_LANES."""
+    of two from 1 to ``max_lanes``."""
     lanes = 1
-    while lanes < CUDA_GRAD_LANES and lanes * 8 < m:
+    while lanes < max_lanes and lanes * 8 < m:
         lanes *= 2
     return (-(-n // CUDA_GRAD_COLS), 1, 1), (CUDA_GRAD_COLS, lanes, 1)

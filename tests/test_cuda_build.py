@@ -57,6 +57,7 @@ def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
     (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n)
     assert len(plan) == 1 and plan[0].grid == (gx, gy, gz) and (gy, gz) == (1, 1)
     assert (gx - 1) * bx < n <= gx * bx and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
+    assert cuda.grad_plan("float64", m, n, (n, 1), "relu", 0.0, True, True)[0].block[1] <= tiling.CUDA_GRAD_LANES_F64
     if m < 2**31:
         (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)
         assert gx * tiling.CUDA_TILE_M >= m and gy * tiling.CUDA_TILE_N >= n
@@ -108,9 +109,10 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
     spilling = {n: r for n, r in report.items() if r.get("spill_stores") or r.get("spill_loads") or r.get("stack")}
     assert not spilling, f"register spills or local memory: {spilling}"
     # every block the plans launch fits one SM's 64 K registers, whatever the instance's count
-    threads = {"gemm": tiling.CUDA_THREADS,
-               "elementwise": max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES)}[module]
     for name, r in report.items():
+        threads = (tiling.CUDA_THREADS if module == "gemm" else tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES_F64
+                   if name.startswith("fl_grad_") and name.endswith("_f64") else
+                   max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES))
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
         assert r["registers"] * threads <= 65536, f"{name}: {r['registers']} registers x {threads} threads"
 
