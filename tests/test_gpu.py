@@ -298,3 +298,21 @@ def test_fused_sequential_chain_matches_float64(launches, dtype):
     for p, q in zip(gpu.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.double().cpu(), q.grad, **TOL[dtype])
     assert launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_expanded_gradient_of_sum_is_read_in_place(engine, launches, activation, dtype):
+    """out.sum().backward() hands backward a stride-0 dA: the dZ+db pass reads it in place (the
+    own GEMMs get dZ written by that pass for the identity); gradients as float64 PyTorch's."""
+    x, w, b = make_inputs((300,), 70, 45, dtype, seed=8, device="cuda")
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    eager = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    refs = [t.double().cpu().requires_grad_(True) for t in (x, w, b)]
+    with fusedlinear.use_backend("cupy"):
+        fusedlinear.fused_linear(*leaves, activation).sum().backward()
+    reference(*eager, activation).sum().backward()
+    reference(*refs, activation).sum().backward()
+    for name, got, e, want in zip(("dX", "dW", "db"), leaves, eager, refs):
+        compare(got.grad, want.grad, e.grad, dtype, name)
+    assert any(k.startswith("fl_grad_") for plan in launches for k in plan), launches
