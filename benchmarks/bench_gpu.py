@@ -3,8 +3,9 @@
 Parts (``--part``, comma-separated; benchmarks/gpu_check.sh runs each under its own timeout):
 
 * ``layers``: one Linear + ReLU layer, 4096->4096 at B = 4096 forward+backward in fp32 (TF32
-  off), tf32, bf16 and fp16, and 784->512 at B = 64 forward (host-bound): eager, fused-vendor,
-  and fused-own where it runs (fp32);
+  off), tf32, bf16 and fp16, 784->512 at B = 64 forward (host-bound), and 784->512 at B = 16384
+  forward+backward (16 column blocks in the dZ+db pass): eager, fused-vendor, and fused-own
+  where it runs (fp32);
 * ``mnist``: the MNIST training step (forward, cross-entropy, backward, SGD) at B = 64, fp32 and
   bf16: ungraphed, the model captured with ``torch.cuda.make_graphed_callables``, and the whole
   step captured with ``torch.cuda.graph`` — eager and fused captured the same way;
@@ -131,7 +132,8 @@ def check(eager_out, got, what):
 def layer_rows(bench: Bench):
     big = 64 if bench.args.dry else 4096
     cases = [(prec, big, big, big, "fwdbwd") for prec in ("fp32", "tf32", "bf16", "fp16")]
-    cases += [("fp32", 64, 784, 512, "fwd"), ("bf16", 64, 784, 512, "fwd")]
+    cases += [("fp32", 64, 784, 512, "fwd"), ("bf16", 64, 784, 512, "fwd"),
+              ("fp32", 4 * big, 784, 512, "fwdbwd")]  # narrow layer, big batch: the dZ+db pass has N/32 blocks
     for prec, b, k, n, mode in cases:
         dtype, tf32 = PRECISIONS[prec]
         if not bench.args.dry:
