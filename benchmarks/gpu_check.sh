@@ -94,15 +94,14 @@ step parity 40 "$OUT/parity.txt" "$PY" -m fusedlinear parity "${PARITY[@]}" --qu
 
 SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --kernel-name kns=fl_ --error-exitcode 9)
 step memcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --tool memcheck "$PY" benchmarks/gpu_smoke.py
+step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
+step initcheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
 
 if [ "$DRY" = 1 ]; then BENCH=(--dry --inner 2 --rounds 3 --dry-sleep "${GPU_CHECK_DRY_SLEEP:-0}" --dry-fail "${GPU_CHECK_DRY_FAIL:-}"); else BENCH=(); fi
 BENCH_RUN=("$PY" benchmarks/bench_gpu.py --md "$OUT/bench.md" "${BENCH[@]}")
 step "bench layers" "${GPU_CHECK_LAYERS_LIMIT:-45}" "$OUT/bench.log" "${BENCH_RUN[@]}" --part layers
 step "bench mnist graphs" 45 "$OUT/bench.log" "${BENCH_RUN[@]}" --part mnist
 step "bench compile" 90 "$OUT/bench.log" "${BENCH_RUN[@]}" --part compile
-
-step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
-step initcheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
 
 echo "== done: status $status, $((SECONDS - START)) s" | tee -a "$OUT/steps.txt"
 exit $status
