@@ -6,9 +6,9 @@ Two engines, chosen once per process by ``FUSEDLINEAR_CUDA_GEMM`` (``fusedlinear
   with the bias added in cuBLASLt's epilogue as ``nn.Linear`` does, the TF32 setting
   ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``, graph-safe
   workspaces); the element-wise work is ours, one pass each: forward A = g(Z) (in place over Z
-  when backward keeps A), backward dZ = dA ⊙ g'(A or Z) together with db's column sums. Kernel
-  launches per layer: forward 1 (identity) or 2; backward at most 4 (dZ+db pass, the sum over
-  its partial sums when there are several row chunks, dX, dW) — as eager PyTorch.
+  when backward keeps A), backward dZ = dA ⊙ g'(A or Z) together with db's column sums (one
+  launch). Launches per layer, GEMMs included: forward 1 (identity) or 2; backward at most 3
+  (dZ+db pass, dX, dW) — as eager PyTorch (tests/test_cuda_emulation.py asserts the counts).
   ``torch._addmm_activation`` (cuBLASLt's RELU/GELU epilogues) is not used: its GELU is the tanh
   approximation, returns no Z (which gelu_tanh's backward needs), and cuBLASLt's ReLU epilogue
   (max(z, 0)) is not documented to propagate NaN as ``torch.relu`` does.
@@ -20,7 +20,12 @@ surrounding torch ops and are captured by CUDA graphs); every output and workspa
 by PyTorch (its caching allocator and graph pools); nothing synchronises with the host; no
 atomics, so results are deterministic. float16/bfloat16: element-wise math and db in float32.
 Operands may have padded rows (read in place); other layouts are copied (``.contiguous()``) for
-the own GEMM only, PyTorch's GEMMs take any strides.
+the own GEMM only, PyTorch's GEMMs take any strides; the dZ+db pass reads dA with any strides
+(stride 0 too: the expanded gradient of ``.sum()`` is not copied).
+
+Host cost per call (benchmarks/host_overhead.py measures it with the CuPy launch stubbed): plans
+are cached per shape and carry their prebuilt argument blocks (kernels.cuda.Plan); with one
+visible GPU no device query happens per launch.
 
 ``forward``/``backward`` run on the GPU; ``vendor_forward`` etc. take the launcher as an argument,
 which is how tests/test_cuda_emulation.py runs this very code on CPU tensors through the C++
@@ -40,8 +45,7 @@ from .layout import matrix_operand
 ENGINE_VAR = "FUSEDLINEAR_CUDA_GEMM"
 ENGINES = ("vendor", "own")
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
-_COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-            torch.float64: torch.float64}
+_SAVES = {name: act.saves for name, act in _acts.ACTIVATIONS.items()}  # what backward needs: "a", "z" or "none"
 
 
 def _read_engine() -> tuple[str | None, str | None]:
@@ -62,21 +66,26 @@ def engine() -> str:
     return ENGINE
 
 
+_one_device: bool | None = None  # one visible GPU: a tensor's device is the current one, no query per launch
+
+
 def gpu_launch(plan, buffers: dict, device: torch.device) -> None:
     """Run ``plan`` on ``buffers`` (name -> tensor on ``device``) on PyTorch's current stream there."""
+    global _one_device
     if not plan:
         return
     reason = _cuda.unavailable_reason()
     if reason:
         raise RuntimeError(f"fusedlinear backend 'cupy': {reason}; or use use_backend('torch')")
-    pointers = {name: t.data_ptr() for name, t in buffers.items()}
     index = device.index
     stream = torch.cuda.current_stream(device).cuda_stream  # public API (a private raw-stream call broke across releases)
-    if index == torch.cuda.current_device():
-        _cuda.run_plan(plan, pointers, index, stream)
+    if _one_device is None:
+        _one_device = torch.cuda.device_count() == 1
+    if _one_device or index == torch.cuda.current_device():
+        _cuda.run_plan(plan, buffers, index, stream)
     else:
         with torch.cuda.device(index):
-            _cuda.run_plan(plan, pointers, index, stream)
+            _cuda.run_plan(plan, buffers, index, stream)
 
 
 def vendor_forward(x, w, b, activation, slope, launch):
@@ -85,38 +94,43 @@ def vendor_forward(x, w, b, activation, slope, launch):
     z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
     if not z.is_contiguous():
         z = z.contiguous()
-    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    keep_z = _SAVES[activation] == "z"
     a = torch.empty_like(z) if keep_z else z
     launch(_cuda.act_forward_plan(_DTYPES[x.dtype], z.numel(), activation, float(slope)), {"a": a, "z": z}, x.device)
     return a, (z if keep_z else x.new_empty(0))
 
 
-def _grad_pass(grad, saved, x, activation, slope, mask, launch):
-    """dZ (when dX or dW needs it) and db, in one pass over dA and the saved tensor: (dZ, its row
-    stride, db). For the identity, dZ is dA itself (read in place, padded rows included)."""
+def _rows_readable(t) -> bool:
+    """Whether the own GEMM reads ``t`` (2-D) in place: row-major, rows possibly padded."""
+    (m, n), (s0, s1) = t.shape, t.stride()
+    return (s1 == 1 or n == 1) and (m == 1 or s0 >= n)
+
+
+def _grad_pass(grad, saved, x, activation, slope, mask, launch, rows_needed=False):
+    """dZ (when dX or dW needs it) and db, in one launch and one pass over dA (any strides, 0
+    included: an expanded gradient from ``.sum()`` is read in place) and the saved tensor:
+    (dZ, db). For the identity, dZ is dA itself, unless ``rows_needed`` (the own GEMMs read
+    row-major operands) and dA is not: then the pass writes dZ = dA, instead of a separate copy."""
     m, n = grad.shape
-    identity = activation == "identity"
-    g, ld_da, _ = matrix_operand(grad, transposed_ok=False)
-    want_dz = (mask[0] or mask[1]) and not identity
+    in_place = activation == "identity" and not (rows_needed and not _rows_readable(grad))
+    want_dz = (mask[0] or mask[1]) and not in_place
     want_db = bool(mask[2])
-    dz, ld_dz = (g, ld_da) if identity else ((x.new_empty((m, n)), n) if want_dz else (None, 0))
+    dz = grad if in_place else (x.new_empty((m, n)) if want_dz else None)
     db = x.new_empty(n) if want_db else x.new_empty(0)
-    buffers = {"da": g, "db": db}
-    if want_dz:
-        buffers["dz"] = dz
-    if _acts.ACTIVATIONS[activation].saves != "none":
-        buffers["saved"] = saved if saved.is_contiguous() else saved.contiguous()
-    chunks = _cuda.grad_chunks(m, n) if want_db else 0
-    if chunks:
-        buffers["partial"] = torch.empty((chunks, n), dtype=_COMPUTE[x.dtype], device=x.device)
-    launch(_cuda.grad_plan(_DTYPES[x.dtype], m, n, ld_da, activation, float(slope), want_dz, want_db),
-           buffers, x.device)
-    return dz, ld_dz, db
+    if want_dz or want_db:
+        buffers = {"da": grad, "db": db}
+        if want_dz:
+            buffers["dz"] = dz
+        if _SAVES[activation] != "none":
+            buffers["saved"] = saved if saved.is_contiguous() else saved.contiguous()
+        launch(_cuda.grad_plan(_DTYPES[x.dtype], m, n, grad.stride(), activation, float(slope), want_dz, want_db),
+               buffers, x.device)
+    return dz, db
 
 
 def vendor_backward(grad, saved, x, w, activation, slope, mask, launch):
     """The dZ + db pass, then dX = dZ W and dW = dZᵀ X by PyTorch."""
-    dz, _, db = _grad_pass(grad, saved, x, activation, slope, mask, launch)
+    dz, db = _grad_pass(grad, saved, x, activation, slope, mask, launch)
     dx = torch.mm(dz, w) if mask[0] else x.new_empty(0)
     dw = torch.mm(dz.t(), x) if mask[1] else x.new_empty(0)
     return dx, dw, db
@@ -131,7 +145,7 @@ def own_forward(x, w, b, activation, slope, launch):
     xk, ldx, _ = matrix_operand(x, transposed_ok=False)
     wk, ldw, _ = matrix_operand(w, transposed_ok=False)
     a = x.new_empty((m, n))
-    z = x.new_empty((m, n)) if _acts.ACTIVATIONS[activation].saves == "z" else x.new_empty(0)
+    z = x.new_empty((m, n)) if _SAVES[activation] == "z" else x.new_empty(0)
     buffers = {"a": a, "z": z, "x": xk, "w": wk}
     if b is not None:
         buffers["b"] = b if b.is_contiguous() else b.contiguous()
@@ -146,10 +160,11 @@ def own_backward(grad, saved, x, w, activation, slope, mask, launch):
     if dtype not in _cuda.GEMM_DTYPES:
         return vendor_backward(grad, saved, x, w, activation, slope, mask, launch)
     (m, k), n = x.shape, w.shape[0]
-    dz, ld_dz, db = _grad_pass(grad, saved, x, activation, slope, mask, launch)
+    dz, db = _grad_pass(grad, saved, x, activation, slope, mask, launch, rows_needed=True)
     dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
     dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
     if mask[0] or mask[1]:
+        dz, ld_dz, _ = matrix_operand(dz, transposed_ok=False)  # never copies: see rows_needed
         xk, ldx, _ = matrix_operand(x, transposed_ok=False)
         wk, ldw, _ = matrix_operand(w, transposed_ok=False)
         launch(_cuda.gemm_backward_plan(dtype, m, n, k, ldx, ldw, ld_dz, bool(mask[0]), bool(mask[1])),

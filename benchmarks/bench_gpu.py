@@ -1,24 +1,41 @@
-"""GPU benchmark: fused (each CUDA engine) vs eager PyTorch vs torch.compile, CUDA-event medians.
+"""GPU benchmark: fused (each CUDA engine) beside eager PyTorch, CUDA-event medians, rows streamed.
 
-* one layer, Linear + ReLU, 784->512 and 4096->4096 at B = 64 ... 8192, forward and forward+backward;
-* the MNIST training step (forward, cross-entropy, backward, SGD step), eager and fused, plain
-  and captured in a CUDA graph (torch.cuda.graph), and torch.compile;
-* precisions: fp32 with TF32 off, fp32 with TF32 on, bf16, fp16 (the layers cast to the dtype).
+Parts (``--part``, comma-separated; benchmarks/gpu_check.sh runs each under its own timeout):
 
-Timing: ``--inner`` calls between two CUDA events (so the per-call host overhead counts when the
-GPU outruns the host), ``--rounds`` rounds, the median per-call time (and p20-p80) reported.
-Each fused result is checked against eager before timing. Rows are appended to
-``bench_gpu.json`` as they come (a timeout keeps what was measured); ``bench_gpu.md`` gets the
-tables. The card's name, driver, torch/CuPy versions head both.
+* ``layers``: one Linear + ReLU layer, 4096->4096 at B = 4096 forward+backward in fp32 (TF32
+  off), tf32, bf16 and fp16, 784->512 at B = 64 forward (host-bound), and 784->512 at B = 16384
+  forward+backward (16 column blocks in the dZ+db pass): eager, fused-vendor, and fused-own
+  where it runs (fp32);
+* ``mnist``: the MNIST training step (forward, cross-entropy, backward, SGD) at B = 64, fp32 and
+  bf16: ungraphed, the model captured with ``torch.cuda.make_graphed_callables``, and the whole
+  step captured with ``torch.cuda.graph`` — eager and fused captured the same way;
+* ``compile``: the fp32 MNIST step with the model under ``torch.compile(mode="reduce-overhead")``
+  (CUDA graphs via cudagraph trees), eager and fused: two compiles, the expensive part.
 
-    python benchmarks/bench_gpu.py --out DIR [--quick] [--no-compile]
+Every first use (NVRTC modules, CuPy's stream and context lookups) happens in an ungraphed
+warm-up step before any capture. Each fused provider is checked against eager before timing.
+
+Rows: each one is appended to ``--md`` (a markdown table, header written once) and flushed the
+moment it is measured, beside eager's time for the same case (``x`` = eager / this); an exception
+in one row is written as that row's result and the next row runs; SIGTERM (``timeout``) ends the
+run with a last line saying so, every finished row already on disk.
+
+Timing: ``--inner`` calls between two CUDA events (the host's per-call overhead counts when the
+GPU outruns it), ``--rounds`` rounds; median and p20-p80 per call.
+
+``--dry``: the same row machinery on the CPU (small shapes, wall-clock timing, the plain-torch
+backend for "fused"), for tests/test_gpu_check_dry.py; ``--dry-sleep`` slows each row and
+``--dry-fail PROVIDER`` makes that provider's rows raise.
+
+    python benchmarks/bench_gpu.py --part layers,mnist,compile --md OUT/bench.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import contextlib
+import signal
+import sys
 import time
 
 import torch
@@ -26,139 +43,147 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from fusedlinear.backend import cupy_cuda
-from fusedlinear.bench import machine_info
 
 PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False),
               "fp16": (torch.float16, False)}
+HEADER = "| part | case | precision | provider | median ms (p20-p80) | x eager |\n|---|---|---|---|---|---|\n"
 
 
-def set_engine(name: str) -> None:
-    """Switch the CUDA GEMM engine in-process (what FUSEDLINEAR_CUDA_GEMM chooses at import)."""
-    cupy_cuda._forward, cupy_cuda._backward = cupy_cuda._ENGINE_FUNCTIONS[name]
+class Bench:
+    def __init__(self, args):
+        self.args, self.eager = args, {}
+        self.device = "cpu" if args.dry else "cuda"
+        self.backend = "torch" if args.dry else "cupy"
 
-
-def timed(fn, inner: int, rounds: int) -> dict:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
+    # ---- timing -----------------------------------------------------------------------------
+    def timed(self, fn) -> dict:
+        inner, rounds = self.args.inner, self.args.rounds
+        for _ in range(3):
             fn()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) / 1e3 / inner)
-    s = sorted(per_call)
-    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
-    return {"median": pick(0.5), "p20": pick(0.2), "p80": pick(0.8)}
+        per_call = []
+        for _ in range(rounds):
+            if self.args.dry:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                per_call.append((time.perf_counter() - t0) / inner)
+                time.sleep(self.args.dry_sleep / rounds)
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            per_call.append(start.elapsed_time(end) / 1e3 / inner)
+        s = sorted(per_call)
+        pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
+        return {"median": pick(0.5), "p20": pick(0.2), "p80": pick(0.8)}
 
+    # ---- rows -------------------------------------------------------------------------------
+    def row(self, part, case, prec, provider, measure):
+        """Measure one row (``measure()`` -> timing dict) and append it to the table at once; an
+        exception becomes the row's text."""
+        try:
+            if self.args.dry and provider == self.args.dry_fail:
+                raise RuntimeError(f"--dry-fail {provider}")
+            t = measure()
+            ms = f"{t['median'] * 1e3:.3f} ({t['p20'] * 1e3:.3f}-{t['p80'] * 1e3:.3f})"
+            base = self.eager.get((part, case, prec, provider.partition("+")[2]))
+            if provider.startswith("eager"):
+                self.eager[(part, case, prec, provider.partition("+")[2])] = t["median"]
+                ratio = ""
+            else:
+                ratio = f"{base / t['median']:.2f}" if base else "-"
+        except Exception as exc:  # one failing row must not end the others
+            ms, ratio = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", ""
+        line = f"| {part} | {case} | {prec} | {provider} | {ms} | {ratio} |"
+        with open(self.args.md, "a") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
 
-def providers(compile_ok: bool, dtype):
-    out = ["eager", "fused-vendor"]
-    if dtype in (torch.float32, torch.float64):
-        out.append("fused-own")  # the own GEMM runs float32/float64 only
-    if compile_ok:
-        out.append("compile")
-    return out
+    def fused(self, module, engine):
+        """A fused copy of ``module`` (the layers' weights shared) on ``engine``."""
+        if not self.args.dry:
+            from fusedlinear.backend import cupy_cuda
 
+            cupy_cuda._forward, cupy_cuda._backward = cupy_cuda._ENGINE_FUNCTIONS[engine]
+        return fusedlinear.fuse(module, inplace=False)
 
-def layer_model(provider, k, n, dtype):
-    torch.manual_seed(0)
-    eager = nn.Sequential(nn.Linear(k, n), nn.ReLU()).to(device="cuda", dtype=dtype)
-    if provider == "eager":
-        return eager, eager
-    if provider == "compile":
-        return eager, torch.compile(eager, dynamic=False)
-    set_engine(provider.split("-")[1])
-    return eager, fusedlinear.fuse(eager, inplace=False)
+    def providers(self, dtype):
+        if self.args.dry:
+            return ["eager", "fused-vendor", "fused-own"]
+        return ["eager", "fused-vendor"] + (["fused-own"] if dtype in (torch.float32, torch.float64) else [])
+
+    def backend_for(self, provider):
+        return fusedlinear.use_backend(self.backend) if provider.startswith("fused") else contextlib.nullcontext()
 
 
 def check(eager_out, got, what):
     err = (got.float() - eager_out.float()).abs().max().item()
     scale = max(eager_out.float().abs().max().item(), 1.0)
-    tol = 3e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-3  # vs eager in the same dtype
-    if err > tol * scale:
+    # vs eager in the same dtype: 16-bit and TF32 GEMMs (10-bit products) differ by a few of their ulps
+    tf32 = got.dtype == torch.float32 and got.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tol = 3e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-2 if tf32 else 1e-3
+    if not err <= tol * scale:
         raise AssertionError(f"{what}: fused differs from eager by {err:.3g} (scale {scale:.3g})")
 
 
-def layer_rows(args, emit):
-    for prec in args.precisions:
+def layer_rows(bench: Bench):
+    big = 64 if bench.args.dry else 4096
+    cases = [(prec, big, big, big, "fwdbwd") for prec in ("fp32", "tf32", "bf16", "fp16")]
+    cases += [("fp32", 64, 784, 512, "fwd"), ("bf16", 64, 784, 512, "fwd"),
+              ("fp32", 4 * big, 784, 512, "fwdbwd")]  # narrow layer, big batch: the dZ+db pass has N/32 blocks
+    for prec, b, k, n, mode in cases:
         dtype, tf32 = PRECISIONS[prec]
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        for k, n in ((784, 512), (4096, 4096)):
-            for b in args.batches:
-                x = torch.randn(b, k, device="cuda", dtype=dtype)
-                compile_ok = args.compile and b in args.compile_batches and prec in args.compile_precisions
-                for provider in providers(compile_ok, dtype):
-                    eager, model = layer_model(provider, k, n, dtype)
-                    with fusedlinear.use_backend("cupy") if provider.startswith("fused") else _null():
-                        with torch.no_grad():
-                            check(eager(x), model(x), f"{provider} {prec} {b}x{k}->{n}")
-                        for mode in ("fwd", "fwdbwd"):
-                            xg = x.clone().requires_grad_(mode == "fwdbwd")
-                            params = list(model.parameters())
+        if not bench.args.dry:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.manual_seed(0)
+        eager = nn.Sequential(nn.Linear(k, n), nn.ReLU()).to(device=bench.device, dtype=dtype)
+        x = torch.randn(b, k, device=bench.device, dtype=dtype)
+        for provider in bench.providers(dtype):
+            def measure():
+                model = eager if provider == "eager" else bench.fused(eager, provider.split("-")[1])
+                with bench.backend_for(provider):
+                    with torch.no_grad():
+                        check(eager(x), model(x), f"{provider} {prec} {b}x{k}->{n}")
+                    xg = x.clone().requires_grad_(mode == "fwdbwd")
+                    params = list(model.parameters())
 
-                            def fn():
-                                if mode == "fwd":
-                                    with torch.no_grad():
-                                        model(xg)
-                                    return
-                                for p in params:
-                                    p.grad = None
-                                xg.grad = None
-                                model(xg).sum().backward()
+                    def fn():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                model(xg)
+                            return
+                        for p in params:
+                            p.grad = None
+                        xg.grad = None
+                        model(xg).sum().backward()
 
-                            t = timed(fn, args.inner, args.rounds)
-                            flop = 2 * b * k * n * (1 if mode == "fwd" else 3)
-                            emit({"kind": "layer", "precision": prec, "provider": provider, "mode": mode, "B": b,
-                                  "K": k, "N": n, **t, "tflops": flop / t["median"] / 1e12})
+                    return bench.timed(fn)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+            bench.row("layers", f"{b}x{k}->{n} {mode}", prec, provider, measure)
 
 
-def step_rows(args, emit):
+def _mnist(bench, dtype, provider):
     from fusedlinear.mnist import NeuralNetwork
 
-    for prec in args.precisions:
-        dtype, tf32 = PRECISIONS[prec]
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        for b in args.step_batches:
-            x = torch.randn(b, 1, 28, 28, device="cuda", dtype=dtype)
-            y = torch.randint(0, 10, (b,), device="cuda")
-            compile_ok = args.compile and b in args.compile_batches and prec in args.compile_precisions
-            for provider in providers(compile_ok, dtype):
-                for graphed in ((False, True) if provider != "compile" else (False,)):
-                    torch.manual_seed(0)
-                    model = NeuralNetwork().to(device="cuda", dtype=dtype)
-                    if provider.startswith("fused"):
-                        set_engine(provider.split("-")[1])
-                        fusedlinear.fuse(model, inplace=True)
-                    run = torch.compile(model, dynamic=False) if provider == "compile" else model
-                    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-
-                    def step():
-                        opt.zero_grad(set_to_none=not graphed)
-                        F.cross_entropy(run(x), y).backward()
-                        opt.step()
-
-                    with fusedlinear.use_backend("cupy") if provider.startswith("fused") else _null():
-                        fn = _graphed(step) if graphed else step
-                        t = timed(fn, args.inner, args.rounds)
-                    flop = 3 * 2 * b * (784 * 512 + 512 * 512 + 512 * 10)
-                    emit({"kind": "mnist_step", "precision": prec, "provider": provider + ("+graph" if graphed else ""),
-                          "mode": "train", "B": b, "K": 784, "N": 10, **t, "tflops": flop / t["median"] / 1e12})
+    torch.manual_seed(0)
+    model = NeuralNetwork().to(device=bench.device, dtype=dtype)
+    if provider.startswith("fused"):
+        model = bench.fused(model, provider.split("-")[1])
+    return model
 
 
-def _graphed(step):
+def _step(model, opt, x, y, set_to_none=True):
+    opt.zero_grad(set_to_none=set_to_none)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _whole_step_graph(step):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -171,74 +196,89 @@ def _graphed(step):
     return graph.replay
 
 
-def tables(info, rows) -> str:
-    lines = [f"GPU: {info.get('gpu')} (driver {info.get('driver')}), torch {info['torch']}, cupy {info.get('cupy')}",
-             "Per-call median ms (p20-p80) from CUDA events; x = eager time / this time.", ""]
-    keys = sorted({(r["kind"], r["precision"], r["mode"], r["K"], r["N"]) for r in rows},
-                  key=lambda k: (k[0], list(PRECISIONS).index(k[1]), k[2], k[3]))
-    for kind, prec, mode, k, n in keys:
-        sel = [r for r in rows if (r["kind"], r["precision"], r["mode"], r["K"], r["N"]) == (kind, prec, mode, k, n)]
-        provs = sorted({r["provider"] for r in sel}, key=lambda p: (p != "eager", p))
-        lines += [f"### {kind} {k}->{n} {prec} {mode}", "", "| B | " + " | ".join(provs) + " |",
-                  "|---|" + "---|" * len(provs)]
-        for b in sorted({r["B"] for r in sel}):
-            by = {r["provider"]: r for r in sel if r["B"] == b}
-            base = by.get("eager", {}).get("median")
-            cells = []
-            for p in provs:
-                r = by.get(p)
-                cells.append("" if r is None else f"{r['median'] * 1e3:.3f} ({r['p20'] * 1e3:.3f}-{r['p80'] * 1e3:.3f})"
-                             + (f" x{base / r['median']:.2f}" if base and p != "eager" else ""))
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+def mnist_rows(bench: Bench, compiled: bool):
+    b = 64
+    precisions = ("fp32",) if compiled else ("fp32", "bf16")
+    ways = ("compile-reduce-overhead",) if compiled else ("", "make_graphed_callables", "cuda.graph")
+    if bench.args.dry:
+        ways = tuple(w for w in ways if w in ("", "compile-reduce-overhead"))
+    for prec in precisions:
+        dtype, tf32 = PRECISIONS[prec]
+        if not bench.args.dry:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        x = torch.randn(b, 1, 28, 28, device=bench.device, dtype=dtype)
+        y = torch.randint(0, 10, (b,), device=bench.device)
+        first_loss = {}
+        for way in ways:
+            # compiles cost about a minute each: eager and the default engine only
+            for provider in bench.providers(dtype)[:2] if compiled else bench.providers(dtype):
+                def measure():
+                    model = _mnist(bench, dtype, provider)
+                    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                    with bench.backend_for(provider):
+                        # warm-up, ungraphed: every first use (NVRTC, CuPy lookups) happens here
+                        loss = _step(model, opt, x, y).detach()
+                        first_loss.setdefault(provider, loss)
+                        check(first_loss["eager"], loss, f"{provider} first-step loss")
+                        if way == "":
+                            fn = lambda: _step(model, opt, x, y)  # noqa: E731
+                        elif way == "make_graphed_callables":
+                            graphed = torch.cuda.make_graphed_callables(model, (x,))
+                            fn = lambda: _step(graphed, opt, x, y, set_to_none=False)  # noqa: E731
+                        elif way == "cuda.graph":
+                            fn = _whole_step_graph(lambda: _step(model, opt, x, y, set_to_none=False))
+                        else:
+                            # --dry: no compile (minutes on a CPU); the rows' machinery is what it tests
+                            run = model if bench.args.dry else torch.compile(model, mode="reduce-overhead",
+                                                                              dynamic=False)
+                            fn = lambda: _step(run, opt, x, y, set_to_none=False)  # noqa: E731
+                            for _ in range(3):  # compile, then cudagraph trees record
+                                fn()
+                        return bench.timed(fn)
+
+                bench.row("mnist", f"B={b} step", prec, provider + (f"+{way}" if way else ""), measure)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(f"SIGTERM after {time.perf_counter() - _START:.0f} s")
+
+
+_START = time.perf_counter()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--precisions", default="fp32,tf32,bf16,fp16")
-    p.add_argument("--batches", default="64,256,1024,4096,8192")
-    p.add_argument("--step-batches", default="64,1024,8192")
-    p.add_argument("--compile-batches", default="64,8192", help="batches at which torch.compile is measured")
-    p.add_argument("--compile-precisions", default="fp32,tf32,bf16,fp16")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--inner", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--quick", action="store_true", help="fewer batches and rounds (gpu_check.sh's budget)")
+    p.add_argument("--part", default="layers,mnist,compile")
+    p.add_argument("--md", required=True, help="table to append rows to (created with a header if absent)")
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--dry", action="store_true", help="CPU stand-in run of the row machinery (tests)")
+    p.add_argument("--dry-sleep", type=float, default=0.0)
+    p.add_argument("--dry-fail", default="")
     args = p.parse_args()
-    if args.quick:
-        args.batches, args.step_batches, args.inner, args.rounds = "64,1024,8192", "64,8192", 10, 9
-        args.compile_batches, args.compile_precisions = "8192", "fp32,bf16"
-    args.precisions, args.compile_precisions = args.precisions.split(","), args.compile_precisions.split(",")
-    args.batches, args.step_batches, args.compile_batches = (
-        [int(v) for v in s.split(",")] for s in (args.batches, args.step_batches, args.compile_batches))
-    info = machine_info()
-    props = torch.cuda.get_device_properties(0)
-    info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                driver=torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
-                cuda=torch.version.cuda, cupy=__import__("cupy").__version__, engine_default=cupy_cuda.engine())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_gpu.json")
-    rows = []
-    start = time.time()
-
-    def emit(row):
-        rows.append(row)
-        print(f"[{time.time() - start:6.1f}s] {row['kind']} {row['precision']} {row['provider']:>14} {row['mode']:>6} "
-              f"B={row['B']:<5} {row['K']}->{row['N']}: {row['median'] * 1e3:.3f} ms", flush=True)
-        with open(path, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
-
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    bench = Bench(args)
     try:
-        step_rows(args, emit)
-        layer_rows(args, emit)
-    finally:
-        set_engine(cupy_cuda.ENGINE or "vendor")
-        text = tables(info, rows)
-        with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
-            f.write(text + "\n")
-        print(text)
+        with open(args.md, "x") as f:
+            f.write(HEADER)
+    except FileExistsError:
+        pass
+    if not args.dry:
+        import cupy
+
+        props = torch.cuda.get_device_properties(0)
+        with open(args.md, "a") as f:
+            f.write(f"| {args.part} | {props.name}, torch {torch.__version__}, cupy {cupy.__version__} | | | "
+                    f"per-call ms, CUDA events, {args.inner}x{args.rounds} | eager / this |\n")
+    try:
+        for part in args.part.split(","):
+            {"layers": layer_rows, "mnist": lambda b: mnist_rows(b, False),
+             "compile": lambda b: mnist_rows(b, True)}[part](bench)
+    except SystemExit as stop:
+        with open(args.md, "a") as f:
+            f.write(f"| {args.part} | stopped: {stop} | | | | |\n")
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(124)
 
 
 if __name__ == "__main__":

@@ -1,60 +1,107 @@
 #!/usr/bin/env bash
-# One call on a GPU machine, everything written under $OUT (or ./gpu-out); under 6 minutes (the
-# step timeouts below add up to 345 s, plus the install):
-#   1. install the project (and the CuPy wheel for the CUDA major version PyTorch was built with,
-#      if CuPy is missing and a package index is reachable);
-#   2. `fusedlinear parity` — every backend and dtype that can run here against float64 PyTorch;
-#   3. the GPU tests (tests/test_gpu.py: forced cupy backend, both engines, CUDA-graph capture);
-#   4. compute-sanitizer memcheck, racecheck and synccheck on a short fused forward+backward;
-#   5. benchmarks/bench_gpu.py --quick (fused per engine vs eager vs torch.compile, MNIST step
-#      plain and CUDA-graph captured, fp32/TF32/bf16/fp16).
-# Each step has its own timeout; the exit status is non-zero if any step failed.
-#   usage: bash benchmarks/gpu_check.sh
+# One call on the GPU machine, from the repository root, results under $OUT (default ./gpu-out).
+# That machine: python3 is /opt/torch/.venv/bin/python3 with torch, CuPy, pytest preinstalled; no
+# network; the call is killed after 10 minutes; only 8 files under $OUT (<= 2 folders deep) come
+# back. So: nothing is downloaded (the package tree is copied to a staging folder on PYTHONPATH),
+# every step runs under `timeout` inside one overall budget (GPU_CHECK_SECONDS, default 330 s:
+# the call ends inside 6 minutes), and $OUT gets 7 files:
+#   env.txt        nvidia-smi, versions, `fusedlinear info`
+#   steps.txt      each step: ok / FAILED rc / TIMED OUT, and its seconds
+#   tests.log      the GPU-marked tests (tests/test_gpu.py)
+#   parity.txt     `fusedlinear parity --backend cupy --quick --progress` (rows as they complete)
+#   sanitizer.log  compute-sanitizer memcheck, racecheck, initcheck on benchmarks/gpu_smoke.py:
+#                  torch's caching allocator off (so out-of-bounds reads hit unallocated memory),
+#                  only our kernels (names start with fl_) instrumented
+#   bench.md       benchmarks/bench_gpu.py rows, each appended the moment it is measured: the
+#                  4096^3 layer in every dtype, the MNIST step ungraphed / make_graphed_callables /
+#                  torch.cuda.graph, then torch.compile(mode="reduce-overhead"), each beside eager
+#   bench.log      the benchmark's tracebacks, if any
+# CuPy's kernel cache and torch.compile's caches stay outside $OUT.
+# Exit status: 0 when every step passed.
+#
+# GPU_CHECK_DRY=1 (tests/test_gpu_check_dry.py): the same interpreter finding, install, steps and
+# timeouts on a CPU machine, with stand-ins for nvidia-smi and compute-sanitizer on PATH; the
+# parity and benchmark steps run their CPU forms (backend torch; bench_gpu.py --dry).
+#   usage: OUT=/some/dir bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$OUT/cupy-cache}
+DRY=${GPU_CHECK_DRY:-0}
+BUDGET=${GPU_CHECK_SECONDS:-330}
+START=$SECONDS
 status=0
-step() { echo "== $1 ($(date +%T))"; }
-fail() { echo "FAILED: $1"; status=1; }
 
-step "GPU"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+# The interpreter: $PYTHON, else the GPU machine's, else python3 on PATH.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x /opt/torch/.venv/bin/python3 ]; then PY=/opt/torch/.venv/bin/python3
+else PY=$(command -v python3); fi
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_INDEX=1
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/fusedlinear-cupy-cache}
+if [ -z "${CUDA_PATH:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_PATH=/usr/local/cuda; fi  # CuPy's headers
 
-step "install"
-SITE=/tmp/fusedlinear-site
-rm -rf "$SITE"
-$PY -m pip install -q --no-deps --no-build-isolation --target "$SITE" . > "$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-if ! $PY -c "import cupy" 2>/dev/null; then
-  major=$($PY -c "import torch; print((torch.version.cuda or '12').split('.')[0])")
-  echo "CuPy missing: pip install cupy-cuda${major}x" | tee -a "$OUT/install.log"
-  timeout 60 $PY -m pip install -q --retries 0 --timeout 10 "cupy-cuda${major}x" >> "$OUT/install.log" 2>&1 || echo "(no CuPy wheel installed)"
-fi
-$PY -c "import fusedlinear, torch, cupy; print('fusedlinear', fusedlinear.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)" \
-  | tee "$OUT/versions.txt" || fail "import"
-(cd /tmp && $PY -m fusedlinear info) > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+# step NAME LIMIT LOG COMMAND...: COMMAND under `timeout` (the smaller of LIMIT and what is left
+# of the budget; SIGTERM, then SIGKILL 5 s later, to its whole process group), output appended to
+# LOG, one line in steps.txt.
+: > "$OUT/steps.txt"
+# GPU_CHECK_ONLY=tests,memcheck,... (step names, spaces as dashes: bench-layers): a short rerun of
+# those steps (gpu, install and import always run).
+ONLY=${GPU_CHECK_ONLY:-}
+step() {
+  local name=$1 limit=$2 log=$3 left t0 rc note
+  shift 3
+  case "$name" in gpu|install|import) ;; *)
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",${name// /-},"* ]]; then return; fi ;;
+  esac
+  left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 5 ]; then
+    echo "$name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$OUT/steps.txt"; status=1; return
+  fi
+  echo "== $name (limit ${limit}s, $(date +%T))" >> "$log"
+  t0=$SECONDS
+  timeout -k 5 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) note=ok ;;
+    124|137) note="TIMED OUT after ${limit}s (rc $rc; rows so far kept)"; status=1 ;;
+    *) note="FAILED (rc $rc)"; status=1 ;;
+  esac
+  echo "$name: $note, $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+}
 
-step "fusedlinear parity"
-timeout 50 $PY -m fusedlinear parity > "$OUT/parity.txt" 2>&1 || fail "parity"
-tail -40 "$OUT/parity.txt"
+ENV=$OUT/env.txt
+: > "$ENV"
+echo "python: $PY; CUDA_PATH=${CUDA_PATH:-unset}; CUPY_CACHE_DIR=$CUPY_CACHE_DIR; dry=$DRY" >> "$ENV"
+step gpu 15 "$ENV" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 
-step "GPU tests"
-timeout 100 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1 || fail "GPU tests"
-tail -5 "$OUT/gpu_tests.log"
+# Install without the network: the package tree as setuptools' package-dir maps it, on PYTHONPATH.
+STAGE=${TMPDIR:-/tmp}/fusedlinear-stage
+step install 30 "$ENV" bash -c 'rm -rf "$1" && mkdir -p "$1/fusedlinear" && cp -r src/fusedlinear/. "$1/fusedlinear/" &&
+  for d in kernels backend torch_ext; do cp -r "$d" "$1/fusedlinear/"; done' _ "$STAGE"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+step import 60 "$ENV" "$PY" -c "import fusedlinear, torch; print('fusedlinear', fusedlinear.__version__, 'from',
+fusedlinear.__file__, '| torch', torch.__version__, 'cuda', torch.version.cuda)"
+step info 45 "$ENV" "$PY" -m fusedlinear info
 
-for tool in memcheck racecheck synccheck; do
-  step "compute-sanitizer --tool $tool"
-  timeout 35 compute-sanitizer --tool "$tool" --error-exitcode 9 $PY benchmarks/gpu_smoke.py > "$OUT/sanitizer_$tool.log" 2>&1 \
-    || fail "compute-sanitizer $tool (exit $?)"
-  tail -3 "$OUT/sanitizer_$tool.log"
-done
+# The GPU-marked tests. The torch.compile test is left to the benchmark's compile step (one
+# compile each, fused and eager; each costs about a minute).
+step tests 110 "$OUT/tests.log" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --maxfail=40 \
+  -k "not torch_compile"
 
-step "benchmark"
-timeout 90 $PY benchmarks/bench_gpu.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1 || fail "benchmark (partial results kept)"
-cat "$OUT/bench_gpu.md" 2>/dev/null || tail -20 "$OUT/bench.log"
-step "done (status $status)"
+if [ "$DRY" = 1 ]; then PARITY=(--backend torch --dtype float32); else PARITY=(--backend cupy); fi
+step parity 40 "$OUT/parity.txt" "$PY" -m fusedlinear parity "${PARITY[@]}" --quick --progress
+
+SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --kernel-name kns=fl_ --error-exitcode 9)
+step memcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --tool memcheck "$PY" benchmarks/gpu_smoke.py
+step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
+step initcheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
+
+if [ "$DRY" = 1 ]; then BENCH=(--dry --inner 2 --rounds 3 --dry-sleep "${GPU_CHECK_DRY_SLEEP:-0}" --dry-fail "${GPU_CHECK_DRY_FAIL:-}"); else BENCH=(); fi
+BENCH_RUN=("$PY" benchmarks/bench_gpu.py --md "$OUT/bench.md" "${BENCH[@]}")
+step "bench layers" "${GPU_CHECK_LAYERS_LIMIT:-45}" "$OUT/bench.log" "${BENCH_RUN[@]}" --part layers
+step "bench mnist graphs" 45 "$OUT/bench.log" "${BENCH_RUN[@]}" --part mnist
+step "bench compile" 90 "$OUT/bench.log" "${BENCH_RUN[@]}" --part compile
+
+echo "== done: status $status, $((SECONDS - START)) s" | tee -a "$OUT/steps.txt"
 exit $status

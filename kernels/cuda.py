@@ -133,10 +133,6 @@ def grad_name(activation: str, dtype: str) -> str:
     return f"fl_grad_{activation}_{TAGS[dtype]}"
 
 
-def bias_finish_name(dtype: str) -> str:
-    return f"fl_bias_finish_{TAGS[dtype]}"
-
-
 def gemm_forward_name(activation: str, dtype: str) -> str:
     return f"fl_gemm_forward_{activation}_{TAGS[dtype]}"
 
@@ -148,8 +144,7 @@ def gemm_name(dtype: str, transpose_a: bool) -> str:
 def kernel_names(module: str) -> list[str]:
     """Every kernel of ``module`` (all are fetched right after compiling)."""
     if module == "elementwise":
-        return ([n for d in TAGS for a in _acts.NAMES for n in (act_forward_name(a, d), grad_name(a, d))]
-                + [bias_finish_name(d) for d in TAGS])
+        return [n for d in TAGS for a in _acts.NAMES for n in (act_forward_name(a, d), grad_name(a, d))]
     return ([gemm_forward_name(a, d) for d in GEMM_DTYPES for a in _acts.NAMES]
             + [gemm_name(d, t) for d in GEMM_DTYPES for t in (False, True)])
 
@@ -176,44 +171,41 @@ def _ptr(name):
     return ("ptr", name)
 
 
+class Plan(tuple):
+    """A tuple of :class:`Launch`, plus what :func:`run_plan` prebuilds for it once per device:
+    each launch's kernel function and argument block, with the slots its buffers' addresses go
+    in (so a call fills a few slots instead of rebuilding and converting every argument)."""
+
+    def __init__(self, launches=()):
+        self.ready: dict = {}  # device id -> [(function, grid, block, argument template, ((slot, buffer name), ...))]
+
+
 @functools.lru_cache(maxsize=4096)
 def act_forward_plan(dtype: str, count: int, activation: str, slope: float) -> tuple[Launch, ...]:
     """a = g(z) over ``count`` contiguous elements (buffers "a" and "z"; they may be one buffer).
     The identity needs no launch."""
     if activation == "identity":
-        return ()
+        return Plan()
     grid, block = tiling.cuda_elementwise_grid(count)
-    return (Launch("elementwise", act_forward_name(activation, dtype), grid, block,
-                   (_ptr("a"), _ptr("z"), ("i64", count), ("f64", float(slope)))),)
-
-
-def grad_chunks(m: int, n: int) -> int:
-    """Rows of the partial-sum workspace ("partial", (chunks, n) of COMPUTE_DTYPE) that
-    :func:`grad_plan` needs for db; 0 when db is written directly (one chunk)."""
-    chunks = tiling.cuda_grad_grid(m, n)[3]
-    return chunks if chunks > 1 else 0
+    return Plan((Launch("elementwise", act_forward_name(activation, dtype), grid, block,
+                        (_ptr("a"), _ptr("z"), ("i64", count), ("f64", float(slope)))),))
 
 
 @functools.lru_cache(maxsize=4096)
-def grad_plan(dtype: str, m: int, n: int, ld_da: int, activation: str, slope: float,
+def grad_plan(dtype: str, m: int, n: int, da_strides: tuple[int, int], activation: str, slope: float,
               want_dz: bool, want_db: bool) -> tuple[Launch, ...]:
     """dZ = dA ⊙ g'(saved) (buffer "dz", (m, n) contiguous) and db = Σ_rows dZ ("db", (n,)) in one
-    pass over "da" ((m, n), row stride ld_da) and "saved" ((m, n) contiguous; absent for the
-    identity), plus a finishing sum over the chunks' partial sums ("partial") when there are
-    several. Launches nothing when neither output is wanted."""
+    launch and one pass over "da" ((m, n) with element strides ``da_strides``, 0 allowed) and
+    "saved" ((m, n) contiguous; absent for the identity). Launches nothing when neither output
+    is wanted."""
     if not (want_dz or want_db):
-        return ()
-    grid, block, rows, chunks = tiling.cuda_grad_grid(m, n)
+        return Plan()
+    grid, block = tiling.cuda_grad_grid(m, n, tiling.CUDA_GRAD_LANES_F64 if dtype == "float64" else tiling.CUDA_GRAD_LANES)
     saves = _acts.ACTIVATIONS[activation].saves != "none"
-    several = want_db and chunks > 1
-    plan = [Launch("elementwise", grad_name(activation, dtype), grid, block, (
-        _ptr("dz" if want_dz else None), _ptr("partial" if several else None),
-        _ptr("db" if want_db and not several else None), _ptr("da"), _ptr("saved" if saves else None),
-        ("i64", m), ("i64", n), ("i64", ld_da), ("i64", rows), ("f64", float(slope))))]
-    if several:
-        plan.append(Launch("elementwise", bias_finish_name(dtype), (grid[0], 1, 1), block,
-                           (_ptr("db"), _ptr("partial"), ("i64", chunks), ("i64", n))))
-    return tuple(plan)
+    return Plan((Launch("elementwise", grad_name(activation, dtype), grid, block, (
+        _ptr("dz" if want_dz else None), _ptr("db" if want_db else None), _ptr("da"),
+        _ptr("saved" if saves else None), ("i64", m), ("i64", n), ("i64", da_strides[0]),
+        ("i64", da_strides[1]), ("f64", float(slope)))),))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -222,9 +214,9 @@ def gemm_forward_plan(dtype, m, n, k, ldx, ldw, has_bias, activation, slope) -> 
     Buffers: x (M, ldx), w (N, ldw), b (N) if has_bias; outputs a and, if saved, z (M, N)."""
     act = _acts.ACTIVATIONS[activation]
     grid, block = tiling.cuda_gemm_grid(m, n)
-    return (Launch("gemm", gemm_forward_name(activation, dtype), grid, block, (
+    return Plan((Launch("gemm", gemm_forward_name(activation, dtype), grid, block, (
         _ptr("a"), _ptr("z" if act.saves == "z" else None), _ptr("x"), _ptr("w"), _ptr("b" if has_bias else None),
-        ("i64", m), ("i64", n), ("i64", k), ("i64", ldx), ("i64", ldw), ("i64", n), ("f64", float(slope)))),)
+        ("i64", m), ("i64", n), ("i64", k), ("i64", ldx), ("i64", ldw), ("i64", n), ("f64", float(slope)))),))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -242,7 +234,7 @@ def gemm_backward_plan(dtype, m, n, k, ldx, ldw, ld_dz, want_dx, want_dw) -> tup
         plan.append(Launch("gemm", gemm_name(dtype, True), grid, block, (
             _ptr("dw"), _ptr("dz"), _ptr("x"), ("i64", n), ("i64", k), ("i64", m), ("i64", ld_dz), ("i64", ldx),
             ("i64", k))))
-    return tuple(plan)
+    return Plan(plan)
 
 
 # ---- CuPy executor ---------------------------------------------------------------------------
@@ -283,20 +275,31 @@ def _stream(device_id: int, stream_ptr: int):
     return stream
 
 
-def run_plan(plan, pointers: dict[str, int], device_id: int, stream_ptr: int) -> None:
-    """Launch ``plan`` on CUDA stream ``stream_ptr`` of device ``device_id`` (the current device);
-    ``pointers`` maps buffer names to device addresses (allocated by the caller). Asynchronous:
-    no synchronisation, no allocation."""
-    stream = _stream(device_id, stream_ptr)
-    limits = tiling.CUDA_GRID_MAX
+def _prepare(plan, device_id: int) -> list:
+    """``plan``'s launches ready to go on device ``device_id``: the kernel functions fetched and
+    the argument blocks built (see :class:`Plan`); once per (plan, device)."""
+    ready = []
     for launch in plan:
-        grid = launch.grid
-        if grid[0] > limits[0] or grid[1] > limits[1] or grid[2] > limits[2]:  # plans check; this guards edits
-            raise ValueError(f"{launch.kernel}: grid {grid} exceeds CUDA's limits {limits}")
-        function = (_functions.get((device_id, launch.module)) or load(device_id, launch.module))[launch.kernel]
-        function(grid, launch.block,
-                 tuple((pointers[v] if v is not None else 0) if kind == "ptr" else v for kind, v in launch.args),
-                 stream=stream)
+        tiling.cuda_check_launch(launch.grid, launch.block)  # plans check on construction; this guards edits
+        function = load(device_id, launch.module)[launch.kernel]
+        template = [0 if kind == "ptr" else value for kind, value in launch.args]
+        slots = tuple((i, value) for i, (kind, value) in enumerate(launch.args) if kind == "ptr" and value is not None)
+        ready.append((function, launch.grid, launch.block, template, slots))
+    plan.ready[device_id] = ready
+    return ready
+
+
+def run_plan(plan, buffers: dict, device_id: int, stream_ptr: int) -> None:
+    """Launch ``plan`` on CUDA stream ``stream_ptr`` of device ``device_id`` (the current device);
+    ``buffers`` maps buffer names to objects whose ``data_ptr()`` is a device address (allocated
+    by the caller). Asynchronous: no synchronisation, no allocation."""
+    ready = plan.ready.get(device_id) or _prepare(plan, device_id)
+    stream = _streams.get((device_id, stream_ptr)) or _stream(device_id, stream_ptr)
+    for function, grid, block, template, slots in ready:
+        args = template.copy()
+        for i, name in slots:
+            args[i] = buffers[name].data_ptr()
+        function(grid, block, tuple(args), stream=stream)
 
 
 @functools.lru_cache(maxsize=None)

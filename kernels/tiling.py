@@ -74,6 +74,12 @@ CUDA_THREAD_N = 4
 CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  # 256
 CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
+CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (one warp wide) ...
+# ... times at most this many row lanes: 512 threads, so an instance may use up to 128 registers
+# (64 K per SM) and still launch (16/32-bit instances take <= 48 on sm_80/sm_90); float64 takes
+# 256 threads (its GELU instance takes 156 registers on sm_90)
+CUDA_GRAD_LANES = 16
+CUDA_GRAD_LANES_F64 = 8
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
 CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)
 CUDA_BLOCK_MAX_THREADS = 1024
@@ -86,6 +92,8 @@ def cuda_defines() -> dict[str, int]:
         "FL_TILE_K": CUDA_TILE_K,
         "FL_THREAD_M": CUDA_THREAD_M,
         "FL_THREAD_N": CUDA_THREAD_N,
+        "FL_GRAD_COLS": CUDA_GRAD_COLS,
+        "FL_GRAD_LANES": CUDA_GRAD_LANES,
     }
 
 
@@ -109,23 +117,12 @@ def cuda_elementwise_grid(count: int) -> tuple[tuple[int, int, int], tuple[int, 
     return (blocks, 1, 1), (CUDA_EW_THREADS, 1, 1)
 
 
-def cuda_column_block(n: int) -> int:
-    """Threads per block of a one-thread-per-column kernel: whole warps, at most CUDA_EW_THREADS."""
-    return min(CUDA_EW_THREADS, max(32, -(-n // 32) * 32))
-
-
-def cuda_grad_rows(m: int) -> int:
-    """Rows per chunk of backward's dZ + db pass (one block row per chunk). About sqrt(M), so the
-    pass and the sum over the chunks' partial sums both walk ~sqrt(M) rows per thread (M = 64: 8
-    chunks of 8; M = 8192: 91 of 91), and never more than 65535 chunks (grid y)."""
-    root = math.isqrt(max(m, 1))
-    root += root * root < m
-    return max(root, -(-m // CUDA_GRID_MAX[1]))
-
-
-def cuda_grad_grid(m: int, n: int) -> tuple[tuple[int, int, int], tuple[int, int, int], int, int]:
-    """(grid, block, rows per chunk, chunks) for the dZ + db pass over an (m, n) gradient."""
-    rows = cuda_grad_rows(m)
-    chunks = max(1, -(-m // rows))
-    threads = cuda_column_block(n)
-    return (-(-n // threads), chunks, 1), (threads, 1, 1), rows, chunks
+def cuda_grad_grid(m: int, n: int, max_lanes: int = CUDA_GRAD_LANES) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) for backward's one-launch dZ + db pass over an (m, n) gradient: blocks of
+    CUDA_GRAD_COLS columns x row lanes, each block walking all m rows of its columns. Lanes: about
+    m / 8 (each lane walks >= 8 rows, so its sum amortises the block's final reduction), a power
+    of two from 1 to ``max_lanes``."""
+    lanes = 1
+    while lanes < max_lanes and lanes * 8 < m:
+        lanes *= 2
+    return (-(-n // CUDA_GRAD_COLS), 1, 1), (CUDA_GRAD_COLS, lanes, 1)

@@ -36,7 +36,7 @@ def test_plans_launch_only_kernels_the_modules_define():
     for dtype in cuda.TAGS:
         for act in activations.NAMES:
             launched += cuda.act_forward_plan(dtype, 100, act, 0.1)
-            launched += cuda.grad_plan(dtype, 100, 7, 9, act, 0.1, True, True)
+            launched += cuda.grad_plan(dtype, 100, 7, (9, 1), act, 0.1, True, True)
     for dtype in cuda.GEMM_DTYPES:
         for act in activations.NAMES:
             launched += cuda.gemm_forward_plan(dtype, 5, 6, 7, 7, 7, True, act, 0.0)
@@ -50,12 +50,14 @@ def test_plans_launch_only_kernels_the_modules_define():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 64, 8192, 2**22 + 1, 2**31 - 1, 2**33])
 def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
-    # Launch() checks every grid on construction; the dZ+db pass covers every row exactly once.
+    # Launch() checks every grid on construction; the dZ+db pass is one launch whose blocks cover
+    # every column (each block walks all rows of its columns).
     n = 300
-    plan = cuda.grad_plan("float32", m, n, n, "relu", 0.0, True, True)
-    grid, block, rows, chunks = tiling.cuda_grad_grid(m, n)
-    assert (chunks - 1) * rows < m <= chunks * rows and plan[0].grid[1] == chunks <= 65535
-    assert len(plan) == (1 if chunks == 1 else 2)
+    plan = cuda.grad_plan("float32", m, n, (n, 1), "relu", 0.0, True, True)
+    (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n)
+    assert len(plan) == 1 and plan[0].grid == (gx, gy, gz) and (gy, gz) == (1, 1)
+    assert (gx - 1) * bx < n <= gx * bx and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
+    assert cuda.grad_plan("float64", m, n, (n, 1), "relu", 0.0, True, True)[0].block[1] <= tiling.CUDA_GRAD_LANES_F64
     if m < 2**31:
         (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)
         assert gx * tiling.CUDA_TILE_M >= m and gy * tiling.CUDA_TILE_N >= n
@@ -106,8 +108,13 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
     assert set(report) == set(cuda.kernel_names(module))
     spilling = {n: r for n, r in report.items() if r.get("spill_stores") or r.get("spill_loads") or r.get("stack")}
     assert not spilling, f"register spills or local memory: {spilling}"
-    for r in report.values():
+    # every block the plans launch fits one SM's 64 K registers, whatever the instance's count
+    for name, r in report.items():
+        threads = (tiling.CUDA_THREADS if module == "gemm" else tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES_F64
+                   if name.startswith("fl_grad_") and name.endswith("_f64") else
+                   max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES))
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
+        assert r["registers"] * threads <= 65536, f"{name}: {r['registers']} registers x {threads} threads"
 
 
 @pytest.mark.parametrize("value,engine", [("", "vendor"), ("own", "own"), ("vendor", "vendor"), ("cublas", None)])

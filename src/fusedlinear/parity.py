@@ -341,8 +341,8 @@ def targets(backends=None, dtypes=None) -> tuple[list[tuple[str, str, torch.dtyp
     return found, skipped
 
 
-def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdout) -> list[dict]:
-    """Every check, as table rows (dicts)."""
+def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdout, on_row=None) -> list[dict]:
+    """Every check, as table rows (dicts); ``on_row(row)`` is called as each row completes."""
     import warnings
 
     from . import backend, use_backend
@@ -368,6 +368,8 @@ def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdou
                 except Exception as exc:  # a backend that raises is a failed row, reported in the table
                     row.update(error=math.inf, ok=False, note=f"{type(exc).__name__}: {exc}")
                     rows.append(row)
+                    if on_row:
+                        on_row(row)
                     continue
                 bad = [(n, r) for n, r in results.items() if not r[1]]
                 row["error"] = max(r[0] for r in results.values())
@@ -376,6 +378,8 @@ def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdou
                 elif min(spy.calls.values()) == 0:
                     row.update(ok=False, note=f"backend {name!r} did not run ({spy.calls}): a silent fallback")
                 rows.append(row)
+                if on_row:
+                    on_row(row)
     return rows
 
 
@@ -421,6 +425,8 @@ def add_parser(sub) -> None:
                                    "torch: float64, float32, float16, bfloat16)")
     p.add_argument("--quick", action="store_true", help="fewer shapes (5 instead of 10, each with and without bias)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--progress", action="store_true",
+                   help="also print each row to stderr as it completes (a run cut short keeps them)")
     p.set_defaults(func=cmd_parity)
 
 
@@ -439,7 +445,9 @@ def cmd_parity(args) -> int:
         _bad_argument(f"nothing to check here with --backend {args.backend or 'all'} --dtype {args.dtype or 'all'}"
                           + (f" ({'; '.join(skipped)})" if skipped else "") + f"; {runs}")
     start = time.perf_counter()
-    rows = run(backends, dtypes, args.quick)
+    progress = (lambda row: print("row: " + format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                ) if args.progress else None
+    rows = run(backends, dtypes, args.quick, on_row=progress)
     print(format_table(rows))
     bad = sum(not r["ok"] for r in rows)
     print(f"{len(rows)} checks, {bad} mismatches, {time.perf_counter() - start:.1f} s")

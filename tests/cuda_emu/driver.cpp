@@ -93,25 +93,15 @@ static std::map<std::string, Runner> runners()
     };                                                                                             \
     r["fl_grad_" #NAME "_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                   \
         S* dz = a.ptr<S>();                                                                        \
-        auto* partial = a.ptr<fl_num<S>::C>();                                                     \
         S* db = a.ptr<S>();                                                                        \
         const S* da = a.ptr<S>();                                                                  \
         const S* saved = a.ptr<S>();                                                               \
-        long long M = a.i64(), N = a.i64(), ldda = a.i64(), rows = a.i64();                        \
+        long long M = a.i64(), N = a.i64(), sdm = a.i64(), sdn = a.i64();                          \
         double slope = a.f64();                                                                    \
         a.done();                                                                                  \
-        emu_launch(g, b, [=] { fl_grad_##NAME##_##TAG(dz, partial, db, da, saved, M, N, ldda, rows, slope); }); \
+        emu_launch(g, b, [=] { fl_grad_##NAME##_##TAG(dz, db, da, saved, M, N, sdm, sdn, slope); }); \
     };
     FL_ELEMENTWISE_INSTANCES(EMU_EW)
-#define EMU_FINISH(S, TAG)                                                                         \
-    r["fl_bias_finish_" #TAG] = [](dim3 g, dim3 b, Args& a) {                                      \
-        S* db = a.ptr<S>();                                                                        \
-        const auto* partial = a.ptr<fl_num<S>::C>();                                               \
-        long long chunks = a.i64(), N = a.i64();                                                   \
-        a.done();                                                                                  \
-        emu_launch(g, b, [=] { fl_bias_finish_##TAG(db, partial, chunks, N); });                   \
-    };
-    FL_DTYPE_INSTANCES(EMU_FINISH)
 #define EMU_GEMM_FORWARD(ID, NAME, T, TAG)                                                         \
     r["fl_gemm_forward_" #NAME "_" #TAG] = [](dim3 g, dim3 b, Args& a) {                           \
         T *C = a.ptr<T>(), *Z = a.ptr<T>();                                                        \
