@@ -62,3 +62,33 @@ def test_forked_child_repeating_the_parents_parallel_call_does_not_hang():
     out = subprocess.run([sys.executable, "-c", _FORK_AFTER_FUSED_CALL], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "child 0", (out.stdout, out.stderr[-2000:])  # -14: killed by the alarm (hung)
+
+
+def test_scipy_blas_through_cython_blas_when_the_bundled_library_is_not_found(monkeypatch):
+    """kernels/blas.py loads scipy's bundled OpenBLAS directly; for other scipy builds it falls
+    back to cython_blas's function pointers and threadpoolctl. Both must name the same library
+    and compute C = A B (called here through ctypes, Fortran interface, column-major)."""
+    import ctypes
+
+    import numpy as np
+
+    from fusedlinear.kernels import blas
+
+    direct = (blas.scipy_gemm_addresses(), blas.scipy_openblas_core(), blas.scipy_openblas_version())
+    monkeypatch.setattr(blas, "_bundled", lambda: None)
+    fallback = (blas.scipy_gemm_addresses(), blas.scipy_openblas_core(), blas.scipy_openblas_version())
+    assert fallback[1:] == direct[1:] and direct[1] != ""
+    blas.limit_scipy_blas_threads()
+    assert blas._scipy_openblas().num_threads == 1
+    rng = np.random.default_rng(0)
+    a, b = np.asfortranarray(rng.standard_normal((3, 4))), np.asfortranarray(rng.standard_normal((4, 5)))
+    for addresses in (direct[0], fallback[0]):
+        c = np.zeros((3, 5), order="F")
+        ref = ctypes.c_void_p
+        dgemm = ctypes.CFUNCTYPE(None, *[ref] * 13)(addresses["dgemm"])
+        ints = [np.array([v], np.int32) for v in (3, 5, 4, 3, 4, 3)]  # m, n, k, lda, ldb, ldc
+        one, zero, n = np.array([1.0]), np.array([0.0]), np.frombuffer(b"N", np.uint8)
+        p = lambda arr: arr.ctypes.data  # noqa: E731
+        dgemm(p(n), p(n), p(ints[0]), p(ints[1]), p(ints[2]), p(one), p(a), p(ints[3]), p(b), p(ints[4]),
+              p(zero), p(c), p(ints[5]))
+        np.testing.assert_allclose(c, a @ b, rtol=1e-12, atol=1e-12)  # float64, 4 terms: rounding only
