@@ -15,12 +15,14 @@ What this layer does for the kernels:
   that holds it runs on. Tensors without a data pointer (sparse, mkldnn, vmap's batched tensors)
   never get here: ``fusedlinear.backend.route`` sends them to the torch backend.
 * **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
-  one thread) — or, when that OpenBLAS runs only its AVX2 kernels (e.g. OPENBLAS_CORETYPE=Haswell),
-  into PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
-  ``MKL_Set_Num_Threads_Local``, the per-thread setting) below CPU_OPENBLAS_MIN_ROWS rows; each
-  measured fastest in its range (kernels/tiling.py). ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces
-  one; with MKL forced, large batches use whole-matrix multi-threaded MKL calls instead of tiles
-  (``_whole``). BLAS takes 32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
+  one thread) or PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
+  ``MKL_Set_Num_Threads_Local``, the per-thread setting); with MKL, large batches may use
+  whole-matrix multi-threaded MKL calls instead of tiles (``_whole``). Which library, and tiles of
+  column blocks or row bands, is chosen by measurement on a shape's first call and kept per
+  machine (``_choose``); ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces the library. BLAS takes
+  32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
+* **Kernels.** Loaded natively from the kernel cache when it holds them (ctypes, no Numba:
+  kernels/cpu_cache.py), else through Numba (kernels/cpu.py), which compiles and caches them.
 * **Launch plans.** What a call's parameter blocks hold that does not change from step to step
   (sizes, tiles, BLAS, W's and b's addresses) is worked out once per call signature and kept
   (at most ``_MAX_PLANS``, the oldest evicted first); a call fills in only its input's and
@@ -39,15 +41,20 @@ from __future__ import annotations
 import array
 import ctypes
 import functools
+import hashlib
+import json
 import os
 import struct
+import sys
 import threading
+import time
 import warnings
 from typing import NamedTuple
 
 import torch
 
 from ..kernels import activations as _acts
+from ..kernels import cpu_cache
 from ..kernels import cpu_params as slots
 from ..kernels import tiling
 from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
@@ -60,10 +67,9 @@ _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or lo
 def _kernels():
     global _cpu
     if _cpu is None:
-        from ..kernels import _numba_runtime, cpu
+        from ..kernels import cpu
 
         _cpu = cpu
-        _numba_runtime.limit_scipy_blas_threads()
     return _cpu
 
 
@@ -79,8 +85,9 @@ def blas_libraries() -> dict:
     """The BLAS libraries the kernels can call, by name, as addresses of their ?gemm_ (and, for
     MKL, of its per-thread thread setter): "mkl" (PyTorch's own, when libtorch_cpu exports it)
     and "openblas" (scipy's, with the kernel family it runs: ``core``)."""
-    from ..kernels._numba_runtime import scipy_gemm_addresses, scipy_openblas_core
+    from ..kernels.blas import limit_scipy_blas_threads, scipy_gemm_addresses, scipy_openblas_core
 
+    limit_scipy_blas_threads()  # the kernels' own threads each call it on one tile
     found = {}
     if torch.backends.mkl.is_available():
         try:
@@ -146,9 +153,12 @@ _SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for
 
 @functools.lru_cache(maxsize=None)
 def _entry(phase: str, activation: str, dtype) -> tuple[int, object]:
-    """(address, ctypes callable) of the kernel for ``phase``, ``activation`` and ``dtype``:
-    loaded from the disk cache or compiled on first use (kernels.cpu.load)."""
-    address = _kernels().load([(phase, activation, _DTYPE_NAMES[dtype])])[0].address
+    """(address, ctypes callable) of the kernel for ``phase``, ``activation`` and ``dtype``: the
+    cached native shared object when there is an intact one (no Numba import), else loaded from
+    Numba's cache or compiled on first use (kernels.cpu.load, which also rebuilds a damaged one)."""
+    address = cpu_cache.load_native(phase, None if phase == "backward_rows" else activation, _DTYPE_NAMES[dtype])
+    if address is None:
+        address = _kernels().load([(phase, activation, _DTYPE_NAMES[dtype])])[0].address
     return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
 
 
@@ -214,6 +224,159 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
             and not FORK.unsafe)  # MKL's own threads are OpenMP too: not in a forked child
 
 
+# ---- the BLAS and tile layout, chosen by measurement ------------------------------------------
+# On a call signature's first plan, each candidate ("library/layout": the BLAS libraries found,
+# tiles of column blocks or of row bands) runs the real call on the real operands into scratch
+# outputs, TUNE_REPS times after one warm-up, and the fastest median wins. Winners are kept per
+# shape class (dtype, forward or which gradients, rows rounded up to a power of two, N, K,
+# threads) in a file in the kernel cache named after the machine (``machine_key``: CPU model,
+# vector width, library versions, kernel sources), so a new CPU or library version tunes again.
+# Bounded: at most TUNE_BUDGET_S of timing per process (then the table's choice, not recorded),
+# and a call whose single run exceeds TUNE_MAX_RUN_S is not timed further (table's choice,
+# recorded). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces the library (its layout by the table).
+TUNE_REPS = 5
+TUNE_BUDGET_S = 3.0
+TUNE_MAX_RUN_S = 0.05
+_tuning: dict = {"choices": None, "spent": 0.0, "announced": False}
+_tuning_lock = threading.RLock()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_key() -> dict:
+    """What a measured choice depends on besides the shape."""
+    import platform
+
+    import scipy
+
+    from ..kernels.blas import scipy_openblas_version
+
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                name, _, value = line.partition(":")
+                info[name.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    libraries = blas_libraries()
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "family/model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+            "vector_bits": 512 if "avx512f" in flags else 256 if "avx2" in flags else 128,
+            "torch": torch.__version__, "scipy": scipy.__version__, "libraries": sorted(libraries),
+            "openblas": f"{libraries['openblas']['core']} {scipy_openblas_version()}",
+            "kernels": cpu_cache.generator_stamp().hex()[:16]}
+
+
+def tuning_path() -> str | None:
+    folder = cpu_cache.cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"tuning_{digest}.json")
+
+
+def _choices() -> dict:
+    """This machine's measured choices (read once per process; a damaged file is warned about once
+    and measured again)."""
+    if _tuning["choices"] is None:
+        path = tuning_path()
+        record, damage = cpu_cache.read_record(path) if path else (None, None)
+        if damage:
+            cpu_cache.warn_rebuild(f"tuning {os.path.basename(path)}", damage)
+            cpu_cache.remove([path])
+        _tuning["choices"] = dict(record or {})
+    return _tuning["choices"]
+
+
+def _table_choice(m: int, threads: int) -> str:
+    """The choice without measuring: BLAS_CHOICE or the table (blas_functions), tiles by the table."""
+    library = "mkl" if blas_functions(m)["threads_fn"] else "openblas"
+    return f"{library}/{'bands' if m >= tiling.CPU_BAND_MIN_ROWS and threads > 1 else 'columns'}"
+
+
+def _shape_class(x, w, mask) -> str:
+    (m, k), n = x.shape, w.shape[0]
+    what = "forward" if mask is None else "backward" + "".join("xwb"[i] for i in range(3) if mask[i])
+    return f"{_DTYPE_NAMES[x.dtype]} {what} m<={1 << (m - 1).bit_length()} n={n} k={k} threads={torch.get_num_threads()}"
+
+
+def _choose(x, w, b, activation, slope, mask) -> str:
+    m, threads = x.shape[0], torch.get_num_threads()
+    default = _table_choice(m, threads)
+    libraries = list(blas_libraries())
+    if BLAS_CHOICE != "auto" or FORK.unsafe:
+        return default
+    layouts = ["columns", "bands"] if threads > 1 and m >= 2 * threads else [default.split("/")[1]]
+    candidates = [f"{library}/{layout}" for library in libraries for layout in layouts]
+    if len(candidates) == 1:
+        return candidates[0]
+    key = _shape_class(x, w, mask)
+    with _tuning_lock:
+        choice = _choices().get(key)
+        if choice in candidates:
+            return choice
+        if _tuning["spent"] >= TUNE_BUDGET_S:
+            return default
+        _announce_tuning()
+        timings = _time_plans({c: _plan(x, w, b, activation, slope, mask, c) for c in candidates}, x, w, mask)
+        choice = default if timings is None else min(timings, key=timings.get)
+        _record(key, choice)
+        return choice
+
+
+def _announce_tuning() -> None:
+    if not _tuning["announced"]:
+        _tuning["announced"] = True
+        print(f"fusedlinear: timing the CPU BLAS and tile choices for new layer shapes (once per machine, at most "
+              f"{TUNE_BUDGET_S:g} s; cached in {tuning_path() or 'memory only'})", file=sys.stderr, flush=True)
+
+
+def _time_plans(plans: dict, x, w, mask) -> dict | None:
+    """Median seconds of each plan on x and w into scratch outputs, the plans taking turns (so a
+    slow moment of a shared machine hits all alike); None when one run is too slow to tune."""
+    (m, k), n = x.shape, w.shape[0]
+    xk = matrix_operand(x)[0]
+    runs = {}
+    for name, plan in plans.items():
+        if mask is None:
+            a, z = x.new_zeros((m, n)), x.new_zeros((m, n) if plan.keeps_z else 0)
+            runs[name] = functools.partial(_run_forward, plan, xk, a, z)
+        else:
+            grad = x.new_zeros((m, n))
+            bufs = (grad, grad, x.new_empty((m, n)), x.new_empty((m, k) if mask[0] else 0),
+                    x.new_empty((n, k) if mask[1] else 0), x.new_empty(n if mask[2] else 0))
+            runs[name] = functools.partial(_run_backward, plan, xk, *bufs, mask)
+    samples = {name: [] for name in runs}
+    for rep in range(TUNE_REPS + 1):  # the first round is a warm-up
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            _tuning["spent"] += elapsed
+            if elapsed > TUNE_MAX_RUN_S:
+                return None
+            if rep:
+                samples[name].append(elapsed)
+    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+
+
+def _record(key: str, choice: str) -> None:
+    """Add one choice to this machine's file: merged under its lock with what other processes added."""
+    _tuning["choices"][key] = choice
+    path = tuning_path()
+    if path is None:
+        return
+    try:
+        with cpu_cache.locked(path):
+            record, _ = cpu_cache.read_record(path)
+            cpu_cache.write_record(path, {**(record or {}), key: choice}, machine=machine_key())
+    except OSError:
+        pass  # a read-only cache: the choice holds for this process
+
+
 class Plan(NamedTuple):
     """What a call runs, immutable: ``launches``, each (kernel address, kernel, parameter slots,
     parallel?) with every slot filled that does not change from call to call (sizes, tiles, BLAS,
@@ -227,18 +390,19 @@ class Plan(NamedTuple):
     kept: bool
 
 
-def _plan(x, w, b, activation, slope, mask) -> Plan | None:
-    """The plan of a forward (``mask`` None) or a backward with that mask; None when BLAS's
+def _plan(x, w, b, activation, slope, mask, choice: str | None = None) -> Plan | None:
+    """The plan of a forward (``mask`` None) or a backward with that mask, with ``choice``
+    ("library/layout", see _choose; by default the measured or forced one); None when BLAS's
     32-bit sizes cannot hold the problem."""
     (m, k), n = x.shape, w.shape[0]
     FORK.check()
-    blas = blas_functions(m)
-    mkl = blas["threads_fn"] != 0
-    p = list(_template(x.dtype, "mkl" if mkl else "openblas"))
     _, ldx, tx = matrix_operand(x)
     wk, ldw, tw = matrix_operand(w)
     if max(m, n, k, ldx, ldw) > SIZE_MAX:
         return None
+    library, layout = (choice or _choose(x, w, b, activation, slope, mask)).split("/")
+    mkl = library == "mkl"
+    p = list(_template(x.dtype, library))
     p[slots.P_LDX], p[slots.P_TX] = ldx, tx
     p[slots.P_W], p[slots.P_LDW], p[slots.P_TW] = wk.data_ptr(), ldw, tw
     p[slots.P_M], p[slots.P_N], p[slots.P_K] = m, n, k
@@ -262,7 +426,8 @@ def _plan(x, w, b, activation, slope, mask) -> Plan | None:
         if whole:
             launch("forward", False, TM=m, TN=n, WHOLE=1, STAGE=1)  # one multi-threaded GEMM ...
             p[slots.P_WHOLE] = 0
-        launch("forward", parallel, STAGE=2 if whole else 0, **dict(zip(("TM", "TN"), tiling.cpu_tiles(m, n, threads))))
+        launch("forward", parallel, STAGE=2 if whole else 0,
+               **dict(zip(("TM", "TN"), tiling.cpu_tiles(m, n, threads, layout == "bands"))))
         return plan(wk is w and (b is None or bias is b), wk, bias)
     p[slots.P_CB] = tiling.cpu_column_block(n, threads)
     if whole:
@@ -274,7 +439,7 @@ def _plan(x, w, b, activation, slope, mask) -> Plan | None:
         return plan(wk is w, wk)
     launch("backward_columns", parallel if mask[1] else m * n >= tiling.CPU_PARALLEL_MIN_FLOP)
     if mask[0]:
-        launch("backward_rows", parallel, **dict(zip(("TM", "TK"), tiling.cpu_tiles(m, k, threads))))
+        launch("backward_rows", parallel, **dict(zip(("TM", "TK"), tiling.cpu_tiles(m, k, threads, layout == "bands"))))
     return plan(wk is w, wk)
 
 
@@ -311,11 +476,15 @@ def forward(x, w, b, activation, slope):
     xk = matrix_operand(x)[0]
     a = x.new_empty((m, n))
     z = x.new_empty((m, n) if plan.keeps_z else 0)
+    _run_forward(plan, xk, a, z)
+    return a, z
+
+
+def _run_forward(plan, xk, a, z):
     for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
         p[P_X], p[P_A], p[P_Z] = xk.data_ptr(), a.data_ptr(), z.data_ptr() if plan.keeps_z else 0
         _launch(address, call, p, parallel)
-    return a, z
 
 
 def backward(grad, saved, x, w, activation, slope, mask):
@@ -331,13 +500,17 @@ def backward(grad, saved, x, w, activation, slope, mask):
     dx = x.new_empty((m, k) if mask[0] else 0)
     dw = x.new_empty((n, k) if mask[1] else 0)
     db = x.new_empty(n if mask[2] else 0)
+    _run_backward(plan, xk, grad, saved, dz, dx, dw, db, mask)
+    return dx, dw, db
+
+
+def _run_backward(plan, xk, grad, saved, dz, dx, dw, db, mask):
     for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
         p[P_X], p[P_DA], p[P_SAVED], p[P_DZ] = xk.data_ptr(), grad.data_ptr(), saved.data_ptr() if saved.numel() else 0, dz.data_ptr()
         p[P_DX], p[P_DW], p[P_DB] = (dx.data_ptr() if mask[0] else 0, dw.data_ptr() if mask[1] else 0,
                                      db.data_ptr() if mask[2] else 0)
         _launch(address, call, p, parallel)
-    return dx, dw, db
 
 
 def unavailable_reason() -> str | None:

@@ -9,12 +9,12 @@ compiled kernels hold no process-specific address and Numba can cache them on di
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .blas import limit_scipy_blas_threads, scipy_gemm_addresses, scipy_openblas_core  # noqa: F401  (moved there)
 
 _VOIDP = ir.IntType(8).as_pointer()
 
@@ -35,6 +35,24 @@ def _typed_pointer(dtype):
 
 f64_ptr = _typed_pointer(types.float64)
 i64_ptr = _typed_pointer(types.int64)
+i32_ptr = _typed_pointer(types.int32)
+u8_ptr = _typed_pointer(types.uint8)
+
+
+@intrinsic(prefer_literal=True)
+def stack_address(typingctx, nbytes):
+    """The address of ``nbytes`` (a constant) of scratch memory in the calling function's stack
+    frame (one alloca in its entry block). The kernels use it instead of np.empty/np.zeros, so
+    their machine code calls no Numba runtime function and links as a plain shared object
+    (kernels/cpu_cache.py loads it without Numba)."""
+    if not isinstance(nbytes, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        words = ir.ArrayType(ir.IntType(64), -(-nbytes.literal_value // 8))  # 8-byte aligned
+        return builder.ptrtoint(cgutils.alloca_once(builder, words), ir.IntType(64))
+
+    return types.int64(nbytes), codegen
 
 
 @intrinsic
@@ -122,55 +140,21 @@ def gemm(blas, threads_fn, alpha, beta, m, n, k, a, lda, ta, b, ldb, tb, c, ldc)
     ``alpha``/``beta``: addresses of scalars of the dtype; ``blas``: the ?gemm_ address;
     ``threads_fn``: MKL_Set_Num_Threads_Local's address, or 0.
     """
-    dims = np.empty(6, np.int32)  # the Fortran interface takes every integer by address
+    d = stack_address(32)  # the Fortran interface takes every integer and flag by address
+    dims = carray(i32_ptr(d), (6,))
     dims[0] = n
     dims[1] = m
     dims[2] = k
     dims[3] = ldb
     dims[4] = lda
     dims[5] = ldc
-    flags = np.empty(2, np.uint8)
+    flags = carray(u8_ptr(d + 24), (2,))
     flags[0] = 84 if tb else 78  # 'T' / 'N'
     flags[1] = 84 if ta else 78
     previous = 0
     if threads_fn != 0:
         previous = call_int_int(threads_fn, 1)  # this call runs on this thread only
-    d = dims.ctypes.data
-    _call_gemm(blas, flags.ctypes.data, flags.ctypes.data + 1, d, d + 4, d + 8, alpha, b, d + 12,
+    _call_gemm(blas, d + 24, d + 25, d, d + 4, d + 8, alpha, b, d + 12,
                a, d + 16, beta, c, d + 20)
     if threads_fn != 0:
         call_int_int(threads_fn, previous)
-
-
-def scipy_gemm_addresses() -> dict[str, int]:
-    """Addresses of scipy's sgemm/dgemm (its OpenBLAS, Fortran interface)."""
-    from numba.extending import get_cython_function_address
-
-    return {name: get_cython_function_address("scipy.linalg.cython_blas", name) for name in ("sgemm", "dgemm")}
-
-
-def _scipy_openblas():
-    """threadpoolctl's controller of scipy's OpenBLAS (the 32-bit-integer one its cython_blas uses), or None."""
-    from threadpoolctl import ThreadpoolController
-
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
-
-    for ctl in ThreadpoolController().lib_controllers:
-        name = os.path.basename(ctl.filepath)
-        if ctl.internal_api == "openblas" and "scipy_openblas" in name and "64_" not in name:
-            return ctl
-    return None
-
-
-def limit_scipy_blas_threads() -> None:
-    """scipy's OpenBLAS to one thread: the kernels' own threads each call it on one tile."""
-    ctl = _scipy_openblas()
-    if ctl is not None:
-        ctl.set_num_threads(1)
-
-
-def scipy_openblas_core() -> str:
-    """The kernel family scipy's OpenBLAS chose at load (e.g. ``SkylakeX``, or ``Haswell`` when
-    OPENBLAS_CORETYPE forces it), as threadpoolctl reports it; "" if unknown."""
-    ctl = _scipy_openblas()
-    return (getattr(ctl, "architecture", None) or "") if ctl is not None else ""

@@ -22,10 +22,9 @@ No 1/M factor anywhere: the mean of the loss already carries it, and these must 
 Compiled on first use, one kernel per (phase, activation, dtype). The activation is a
 compile-time constant: its element-wise loops (from the table in kernels/activations.py) are
 written into the kernel's own small generated module, which Numba compiles and caches on disk
-(``load``). The module's file name carries a digest of everything that generates the kernel —
-its text (the formulas), the sources of this file, _numba_runtime.py and cpu_params.py, and the
-Numba, llvmlite and NumPy versions — so a change to any of them compiles a fresh kernel instead
-of loading a stale one (Numba keys its cache on the source file, here that generated file).
+(``load``), and whose machine code is also linked as a shared object that later processes load
+without Numba. The files of one kernel, their names (a digest of everything that generates the
+kernel), their atomic writes, digests and locks: kernels/cpu_cache.py.
 
 Calling convention. Each kernel is a Numba ``cfunc`` ``void kernel(void *params)``: ``params``
 is an int64 block (indices ``P_*`` below) of addresses, sizes and flags. The caller runs it
@@ -40,11 +39,13 @@ Accumulation is in the input dtype (BLAS sgemm/dgemm), except db, summed in floa
 
 from __future__ import annotations
 
-import functools
+import glob
 import hashlib
 import importlib.util
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,7 +55,9 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from . import activations as _acts
-from ._numba_runtime import address, address_of, call_int, f64_ptr, gemm, i64_ptr, typed_ptr
+from . import cpu_cache
+from ._numba_runtime import address, address_of, call_int, f64_ptr, gemm, i64_ptr, stack_address, typed_ptr
+from .cpu_cache import cache_dir  # noqa: F401  (part of this module's interface)
 
 from .cpu_params import (  # noqa: F401  (the backend reads them here too)
     N_PARAMS, P_A, P_ACT, P_ALPHA, P_BETA, P_BIAS, P_BLAS_THREADS, P_CB, P_DA, P_DB, P_DW, P_DX, P_DZ, P_GEMM, P_K,
@@ -76,6 +79,14 @@ def where(cond, x, y):
 @njit(inline="always")
 def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
+
+
+# The kernels call no Numba runtime function, so their machine code links as a plain shared
+# object (kernels/cpu_cache.py loads it without Numba): no np.empty/np.zeros (stack scratch
+# instead, ``stack_address``), error_model="numpy" (no ZeroDivisionError checks), and the tile
+# loops written as ``while`` (Numba's range() with a run-time step checks it for zero and raises).
+# db's float64 partial sums are kept DB_CHUNK columns at a time in a 2 KiB stack buffer.
+DB_CHUNK = 256
 
 
 @njit(inline="always")
@@ -111,7 +122,7 @@ def _own_name(body, loops):
     side by side from the disk cache, the first linked ran for both (another activation's values).
     The body is named after its loops' generated module, whose name carries the kernel's digest."""
     body.__qualname__ = f"{body.__name__}__{loops.py_func.__module__}"
-    return njit(body)
+    return njit(body, error_model="numpy")
 
 
 def forward_body(epilogue):
@@ -132,7 +143,9 @@ def forward_body(epilogue):
         tx, tw = P[P_TX] != 0, P[P_TW] != 0
         stage = P[P_STAGE]
         tiles_n = (N + tn - 1) // tn
-        for t in range(tid, ((M + tm - 1) // tm) * tiles_n, nth):
+        t, tiles = tid - nth, ((M + tm - 1) // tm) * tiles_n
+        while t + nth < tiles:  # t = tid, tid + nth, ...
+            t += nth
             r0 = (t // tiles_n) * tm
             c0 = (t % tiles_n) * tn
             r1 = min(r0 + tm, M)
@@ -167,20 +180,25 @@ def backward_columns_body(grad):
         slope = _slope(P)
         tx = P[P_TX] != 0
         stage = P[P_STAGE]
-        for blk in range(tid, (N + cb - 1) // cb, nth):
+        blk, blocks = tid - nth, (N + cb - 1) // cb
+        while blk + nth < blocks:  # blk = tid, tid + nth, ...
+            blk += nth
             c0 = blk * cb
             c1 = min(c0 + cb, N)
             if stage != 2:
                 grad(dz, dA, saved, 0, M, c0, c1, slope)
             if stage != 2 and P[P_DB] != 0:  # row by row, so the inner loop is contiguous and vectorises
-                acc = np.zeros(c1 - c0, np.float64)
-                for i in range(M):
-                    row = dz[i, c0:c1]
+                scratch = carray(f64_ptr(stack_address(2048)), (DB_CHUNK,))  # float64 sums, on the stack
+                for j0 in range(c0, c1, DB_CHUNK):
+                    acc = scratch[:min(DB_CHUNK, c1 - j0)]
+                    acc[:] = 0.0
+                    for i in range(M):
+                        row = dz[i, j0:j0 + acc.shape[0]]
+                        for j in range(acc.shape[0]):
+                            acc[j] += row[j]
+                    out = db[j0:j0 + acc.shape[0]]
                     for j in range(acc.shape[0]):
-                        acc[j] += row[j]
-                out = db[c0:c1]
-                for j in range(acc.shape[0]):
-                    out[j] = acc[j]
+                        out[j] = acc[j]
             if stage != 1 and P[P_DW] != 0 and M == 1 and not tx:
                 # batch 1: dW[c0:c1, :] = dZ[0, c0:c1]ᵀ ⊗ x, written directly: a BLAS call costs
                 # more than the product here (784->512: 28 us through OpenBLAS, 21.5 us through MKL)
@@ -198,7 +216,7 @@ def backward_columns_body(grad):
     return _own_name(backward_columns, grad)
 
 
-@njit
+@njit(error_model="numpy")
 def backward_rows_body(data, zero):
     """Backward phase 2, per (rows x K-columns) tile: dX = dZ W. The same for every activation."""
     P = _params(data)
@@ -208,7 +226,9 @@ def backward_rows_body(data, zero):
     tm, tk = P[P_TM], P[P_TK]
     tw = P[P_TW] != 0
     tiles_k = (K + tk - 1) // tk
-    for t in range(tid, ((M + tm - 1) // tm) * tiles_k, nth):
+    t, tiles = tid - nth, ((M + tm - 1) // tm) * tiles_k
+    while t + nth < tiles:  # t = tid, tid + nth, ...
+        t += nth
         r0 = (t // tiles_k) * tm
         k0 = (t % tiles_k) * tk
         r1 = min(r0 + tm, M)
@@ -262,58 +282,12 @@ def kernel_source(phase: str, activation: str | None, dtype: str, cache: bool) -
         body = "backward_rows_body"
     else:
         act = _acts.check_activation(activation)
-        lines += ["", '@njit(inline="always")', *_elementwise_source(phase, act), ""]
+        lines += ["", '@njit(inline="always", error_model="numpy")', *_elementwise_source(phase, act), ""]
         loops = "epilogue" if phase == "forward" else "grad"
         lines += ["", f"body = {phase}_body({loops})"]
         body = "body"
-    lines += ["", "", f"@cfunc(SIGNATURE, cache={cache})", "def kernel(data):", f"    {body}(data, np.{dtype}(0))", ""]
+    lines += ["", "", f'@cfunc(SIGNATURE, cache={cache}, error_model="numpy")', "def kernel(data):", f"    {body}(data, np.{dtype}(0))", ""]
     return "\n".join(lines)
-
-
-@functools.lru_cache(maxsize=None)
-def _generator_stamp() -> bytes:
-    """What every kernel depends on besides its own text: the generator's sources and the versions
-    of the compiler stack."""
-    import llvmlite
-    import numba
-
-    h = hashlib.sha256(f"numba {numba.__version__} llvmlite {llvmlite.__version__} numpy {np.__version__} "
-                       f"python {sys.version}".encode())
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("cpu.py", "_numba_runtime.py", "cpu_params.py"):
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(f.read())
-    return h.digest()
-
-
-def kernel_key(source: str) -> str:
-    """The digest a kernel's file name carries: its text and everything that generates it."""
-    return hashlib.sha256(_generator_stamp() + source.encode()).hexdigest()[:20]
-
-
-def _writable(path: str) -> bool:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
-        probe.close()
-        return True
-    except OSError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def cache_dir() -> str | None:
-    """Where the generated kernel modules (and, next to them, Numba's compiled kernels) live:
-    in Numba's own order, NUMBA_CACHE_DIR, ``__pycache__`` beside this file, then the user-wide
-    cache directory; None when none is writable."""
-    from numba.misc.appdirs import AppDirs
-
-    candidates = []
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        candidates.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "fusedlinear-cpu"))
-    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "fusedlinear-cpu"))
-    candidates.append(os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, "fusedlinear-cpu"))
-    return next((path for path in candidates if _writable(path)), None)
 
 
 def _cache_available() -> bool:
@@ -354,26 +328,66 @@ def _announce(labels: list[str]) -> None:
               file=sys.stderr, flush=True)
 
 
-def _import_generated(key: tuple, source: str, announce) -> object:
-    """The cfunc ``kernel`` of a generated module: from a file named by its digest in
-    ``cache_dir()`` (Numba then loads it from its cache or compiles and caches it), or, without a
-    cache, compiled from the text in memory. ``announce()`` is called first when the kernel
-    will be compiled (a new file, or no cache), not merely loaded."""
-    name = "_".join(part for part in key if part)
-    if not CACHE:
-        announce()
-        namespace = {"__name__": f"_fusedlinear_cpu_{name}"}
-        exec(compile(source, f"<fusedlinear kernel {name}>", "exec"), namespace)
-        return namespace["kernel"]
-    path = os.path.join(cache_dir(), f"{name}_{kernel_key(source)}.py")
-    if not os.path.exists(path):  # written once, whole (Numba keys its cache on the file's mtime)
-        announce()
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
+def _stale_numba_files(module_name: str, source_path: str) -> list[str]:
+    """Numba's cached files for the generated module at ``source_path``, found without loading
+    them: Numba's cache directory for that file, asked through a stand-in function defined there."""
+    from numba.core.caching import FunctionCache
+
+    namespace = {"__name__": module_name}
+    exec(compile("def kernel(): pass", source_path, "exec"), namespace)
+    try:
+        path = FunctionCache(namespace["kernel"]).cache_path
+    except RuntimeError:  # no cache locator: nothing Numba could have written
+        return []
+    return _numba_files(path, source_path)
+
+
+def _numba_files(numba_dir: str, source_path: str) -> list[str]:
+    """Numba names a cached function's files after its source file: ``<stem>.kernel-<line>...``."""
+    stem = os.path.splitext(os.path.basename(source_path))[0]
+    return sorted(glob.glob(os.path.join(glob.escape(numba_dir), f"{glob.escape(stem)}.kernel-*")))
+
+
+def _build_native(kernel, stem: str) -> str | None:
+    """Link ``kernel``'s machine code as the shared object ``stem.so`` (a C compiler driver, $CC or
+    cc, does the linking), loadable with ctypes without Numba; its path, or None when there is no
+    linker or the object does not link or load (the kernel is then served by Numba's cache)."""
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None
+    import llvmlite.binding as ll
+
+    try:
+        machine = ll.Target.from_default_triple().create_target_machine(
+            cpu=ll.get_host_cpu_name(), features=ll.get_host_cpu_features().flatten(), opt=3, reloc="pic",
+            codemodel="default")
+        module = ll.parse_assembly(kernel._library.get_llvm_str())
+        for value in [*module.functions, *module.global_variables]:  # only the entry point is exported ...
+            if not value.is_declaration and value.name != kernel.native_name:
+                value.linkage = ll.Linkage.internal
+        builder = ll.create_pass_builder(machine, ll.create_pipeline_tuning_options(3))
+        builder.getModulePassManager().run(module, builder)  # ... so what it does not reach is dropped
+        obj = machine.emit_object(module)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(stem), prefix=".build-") as tmp:
+            with open(os.path.join(tmp, "kernel.o"), "wb") as f:
+                f.write(obj)
+            subprocess.run([cc, "-shared", "-o", os.path.join(tmp, "kernel.so"), os.path.join(tmp, "kernel.o")],
+                           check=True, capture_output=True, timeout=120)
+            with open(os.path.join(tmp, "kernel.so"), "rb") as f:
+                cpu_cache.atomic_write(stem + ".so", f.read())
+        import ctypes
+
+        ctypes.CDLL(stem + ".so")[kernel.native_name]  # an unresolved symbol fails here, not in a later process
+        return stem + ".so"
+    except (OSError, RuntimeError, ValueError, AttributeError, subprocess.SubprocessError) as exc:
+        if os.environ.get("FUSEDLINEAR_DEBUG_NATIVE"):
+            print(f"fusedlinear: no native kernel {stem}: {exc!r} {getattr(exc, 'stderr', '')}", file=sys.stderr)
+        cpu_cache.remove([stem + ".so"])
+        return None
+
+
+def _import_module(path: str, module_name: str):
     # A top-level module in sys.modules: Numba finds its globals by importing the module's name.
-    module_name = f"_fusedlinear_cpu_{os.path.basename(path)[:-3]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -382,7 +396,46 @@ def _import_generated(key: tuple, source: str, announce) -> object:
     except BaseException:
         del sys.modules[module_name]
         raise
-    return module.kernel
+    return module
+
+
+def _import_generated(key: tuple, source: str, announce) -> object:
+    """The cfunc ``kernel`` of a generated module: from its group in ``cache_dir()`` (Numba then
+    loads it from its cache), or built afresh — the source written, compiled, the native shared
+    object linked and the manifest written — when the group is missing or damaged (with one
+    warning), or, without a cache, compiled from the text in memory. ``announce()`` is called
+    first when the kernel will be compiled, not merely loaded."""
+    name = "_".join(part for part in key if part)
+    if not CACHE:
+        announce()
+        namespace = {"__name__": f"_fusedlinear_cpu_{name}"}
+        exec(compile(source, f"<fusedlinear kernel {name}>", "exec"), namespace)
+        return namespace["kernel"]
+    stem = os.path.join(cache_dir(), cpu_cache.kernel_name(*key))
+    path, module_name = stem + ".py", f"_fusedlinear_cpu_{os.path.basename(stem)}"
+    with cpu_cache.locked(stem):  # one builder per kernel; the others wait, then load what it built
+        record, damage = cpu_cache.read_manifest(stem)
+        if record is not None and record["files"].get(path) != hashlib.sha256(source.encode()).hexdigest():
+            record, damage = None, f"{path} is not this kernel's source"
+        if record is not None:
+            try:
+                return _import_module(path, module_name).kernel
+            except Exception as exc:  # intact by its digests, yet Numba cannot load it: rebuild
+                record, damage = None, f"{type(exc).__name__} while loading it: {exc}"
+        if damage is None and os.path.exists(path):
+            damage = "a build was left unfinished (no manifest)"
+        if damage is not None:
+            cpu_cache.warn_rebuild(f"kernel {os.path.basename(stem)}", damage)
+        cpu_cache.remove([stem + ".json"] + cpu_cache.listed_files(stem) + [stem + ".so"])  # manifest first
+        announce()
+        cpu_cache.atomic_write(path, source.encode())
+        cpu_cache.remove(_stale_numba_files(module_name, path))  # unreadable ones would stop Numba
+        kernel = _import_module(path, module_name).kernel
+        files = [path] + _numba_files(kernel._cache.cache_path, path)
+        native = _build_native(kernel, stem)
+        cpu_cache.write_manifest(stem, files + ([native] if native else []), native=native,
+                                 symbol=kernel.native_name if native else None)
+        return kernel
 
 
 def load(wanted) -> list:
@@ -417,8 +470,9 @@ def load(wanted) -> list:
 
 
 def loaded() -> list[tuple]:
-    """The (phase, activation or None, dtype) of every kernel this process has loaded or compiled."""
-    return sorted(_kernels, key=str)
+    """The (phase, activation or None, dtype) of every kernel this process has loaded (through
+    Numba or natively, kernels/cpu_cache.py) or compiled."""
+    return sorted(set(_kernels) | cpu_cache.LOADED, key=str)
 
 
 __all__ = ["N_PARAMS", "PHASES", "DTYPES", "load", "loaded", "cache_dir", "kernel_source"]

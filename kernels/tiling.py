@@ -27,7 +27,10 @@ CPU_PARALLEL_MIN_FLOP = 2_000_000
 # thread / two: forward 30 / 21 us, backward 57 / 40 us; at 256 KiB (256x256) 13.3 / 12.8 us;
 # at 128 KiB (128x256) one thread is faster (2-core EPYC, float32, 2026-11-28).
 CPU_PARALLEL_MIN_WEIGHT_BYTES = 256 * 1024
-# Which BLAS the tiles call (fusedlinear.backend.numba_cpu.blas_functions): PyTorch's MKL below
+# Which BLAS the tiles call is measured on each new shape class (fusedlinear.backend.numba_cpu
+# ._choose, cached per machine); the table below (blas_functions) is the choice when it is not
+# measured: FUSEDLINEAR_CPU_BLAS set, a forked child, or the per-process tuning budget spent.
+# The table was written on 2-core AMD EPYCs. PyTorch's MKL below
 # this many rows, scipy's OpenBLAS from here on. Fused Linear+ReLU 784->512 forward+backward over
 # eager PyTorch, per-round paired medians (2-core EPYC, 2026-11-28): B=1 MKL 1.27 / OpenBLAS 2.10,
 # B=32 1.08 / 1.18, B=64 1.07 / 1.07, B=128 1.04 / 1.01, B=256 1.02 (MKL whole) / 0.96,
@@ -43,13 +46,15 @@ OPENBLAS_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 CPU_WHOLE_MIN_ROWS = 256
 
 
-def cpu_tiles(m: int, n: int, threads: int) -> tuple[int, int]:
-    """Tile sizes (tm, tn) for an (m, n) output computed by ``threads`` threads. Below
-    CPU_BAND_MIN_ROWS rows: all m rows, and the columns cut into CPU_TILES_PER_THREAD blocks per
-    thread (at least CPU_MIN_TILE_N wide), so each thread packs only its own slice of the weight
-    once. From there on: one band of rows per thread over all columns."""
+def cpu_tiles(m: int, n: int, threads: int, bands: bool | None = None) -> tuple[int, int]:
+    """Tile sizes (tm, tn) for an (m, n) output computed by ``threads`` threads. Column blocks
+    (``bands`` False; by default below CPU_BAND_MIN_ROWS rows): all m rows, and the columns cut
+    into CPU_TILES_PER_THREAD blocks per thread (at least CPU_MIN_TILE_N wide), so each thread
+    packs only its own slice of the weight once. Bands (``bands`` True; by default from
+    CPU_BAND_MIN_ROWS on): one band of rows per thread over all columns. The backend measures
+    both on a new shape (fusedlinear.backend.numba_cpu._choose)."""
     want = CPU_TILES_PER_THREAD * threads if threads > 1 else 1
-    if m >= CPU_BAND_MIN_ROWS:
+    if m >= CPU_BAND_MIN_ROWS if bands is None else bands:
         return max(1, -(-m // want)), max(1, n)
     return max(1, m), max(1, min(n, max(CPU_MIN_TILE_N, -(-n // want))))
 

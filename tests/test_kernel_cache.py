@@ -5,10 +5,12 @@ Each test runs fresh processes sharing one empty NUMBA_CACHE_DIR, as a user's in
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 # One fused layer, forward and backward with every gradient, printed as JSON: its largest
 # difference from float64 PyTorch (with relu's formulas scaled by SCALE, 1 unless the table is
@@ -41,17 +43,22 @@ for activation in activations_run:  # several: their kernels are linked side by 
     reference.backward(g)
     diff = max([diff] + [float((got - want).abs().max()) for got, want in
                          zip([out] + [t.grad for t in leaves], [reference, x.grad, w.grad, b.grad])])
-print(json.dumps({"diff": diff}))
+numba = "numba" in sys.modules  # whether this process needed the JIT at all
+print(json.dumps({"diff": diff, "numba": numba}))
 if sys.argv[4] == "report":
     from fusedlinear.kernels import cpu
-    print(json.dumps({"diff": diff, "loaded": [list(k) for k in cpu.loaded()]}))
+    print(json.dumps({"diff": diff, "numba": numba, "loaded": [list(k) for k in cpu.loaded()]}))
 """
 
 
-def _run(cache, activation="relu", dtype="float64", scale=1.0, report=""):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "FUSEDLINEAR_BACKEND": "numba"}
-    proc = subprocess.run([sys.executable, "-c", _RUN, activation, dtype, str(scale), report], capture_output=True,
-                          text=True, env=env, timeout=900)
+def _command(cache, activation="relu", dtype="float64", scale=1.0, report="", **env):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "FUSEDLINEAR_BACKEND": "numba", **env}
+    return [sys.executable, "-c", _RUN, activation, dtype, str(scale), report], env
+
+
+def _run(cache, activation="relu", dtype="float64", scale=1.0, report="", **env):
+    command, env = _command(cache, activation, dtype, scale, report, **env)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -129,3 +136,211 @@ def test_train_loads_the_models_kernels_before_its_first_step():
     train.prepare_kernels(train.make_model(True, 0, "cpu"), cfg)
     assert {(phase, act, "float32") for phase in ("forward", "backward_columns") for act in ("relu", "identity")} | {
         ("backward_rows", None, "float32")} <= set(cpu.loaded())
+
+
+# ---- the warm path: cached kernels as native shared objects, loaded without Numba -------------
+
+def _manifests(cache):
+    folder = cache / "fusedlinear-cpu"
+    return {name[:-5]: json.loads((folder / name).read_text()) for name in os.listdir(folder)
+            if name.endswith(".json") and not name.startswith("tuning_")}
+
+
+@pytest.mark.slow
+def test_warm_start_runs_the_native_kernels_without_importing_numba(tmp_path):
+    cold, _ = _run(tmp_path)
+    assert cold["diff"] < TOL and cold["numba"]
+    assert all(m["native"] for m in _manifests(tmp_path).values())  # a C linker is there: every kernel linked
+    warm, warm_err = _run(tmp_path, report="report")
+    assert warm["diff"] == cold["diff"]  # the very same machine code
+    assert not warm["numba"], "a warm start imported Numba"
+    assert len(warm["loaded"]) == 3 and "fusedlinear" not in warm_err
+    # Its fallback, Numba's own cache, serves the same kernels when the native path is off.
+    jit, jit_err = _run(tmp_path, FUSEDLINEAR_CPU_NATIVE="0")
+    assert jit["diff"] == cold["diff"] and jit["numba"]
+    assert "fusedlinear" not in jit_err
+
+
+@pytest.mark.slow
+def test_without_a_linker_the_warm_start_falls_back_to_numbas_cache(tmp_path):
+    cold, _ = _run(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert cold["diff"] < TOL
+    assert not any(m["native"] for m in _manifests(tmp_path).values())
+    warm, warm_err = _run(tmp_path)  # CC is back, but a whole group is not rebuilt for its missing .so
+    assert warm["diff"] == cold["diff"] and warm["numba"]
+    assert "fusedlinear" not in warm_err  # loaded from Numba's cache: nothing compiled, nothing warned
+
+
+# ---- a cache that cannot crash a process ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pristine_cache(tmp_path_factory):
+    """One cold run's cache at a fixed path, and a copy of it to restore before each case (Numba
+    names its cache directory after the absolute path of the source, so the path must not move)."""
+    root = tmp_path_factory.mktemp("damage")
+    cache, backup = root / "cache", root / "backup"
+    first, _ = _run(cache)
+    assert first["diff"] < TOL
+    shutil.copytree(cache, backup, symlinks=True)
+    return cache, backup, first
+
+
+def _restore(cache, backup):
+    shutil.rmtree(cache)
+    shutil.copytree(backup, cache, symlinks=True)
+
+
+def _file_of_kind(cache, kind):
+    """The forward kernel group's file of ``kind``: its generated source, Numba's index or object
+    code, the native shared object or the manifest itself."""
+    (stem, manifest), = [(s, m) for s, m in _manifests(cache).items() if s.startswith("forward_relu_float64")]
+    folder = cache / "fusedlinear-cpu"
+    if kind == "manifest":
+        return folder / f"{stem}.json"
+    if kind == "tuning":
+        (path,) = folder.glob("tuning_*.json")
+        return path
+    (path,) = [p for p in manifest["files"] if p.endswith({"source": ".py", "index": ".nbi", "object": ".nbc",
+                                                              "native": ".so"}[kind])]
+    return folder / path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["source", "index", "object", "native", "manifest", "tuning"])
+def test_a_damaged_cache_file_is_rebuilt_with_one_warning(pristine_cache, kind, damage):
+    """Each kind of cached file, truncated or overwritten with garbage (null bytes and random bytes,
+    as a full disk or a crashed copy leaves them): the next process warns once, rebuilds that
+    kernel and computes the right values; the process after it finds the cache whole again.
+    (Null bytes in the generated module once killed every later process with SyntaxError.)"""
+    cache, backup, first = pristine_cache
+    _restore(cache, backup)
+    path = _file_of_kind(cache, kind)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3] if damage == "truncated" else b"\0" * 64 + os.urandom(len(data)))
+    rebuilt, err = _run(cache)
+    assert rebuilt["diff"] == first["diff"], err[-3000:]
+    assert err.count("rebuilding it") == 1, err[-3000:]
+    damaged = err.split("rebuilding it")[0].splitlines()[-1]
+    assert ("tuning_" if kind == "tuning" else "forward_relu_float64") in damaged, damaged
+    again, again_err = _run(cache)
+    assert again["diff"] == first["diff"] and not again["numba"]  # whole again, native included
+    assert "fusedlinear" not in again_err
+
+
+@pytest.mark.slow
+def test_four_processes_cold_starting_on_one_empty_cache(tmp_path):
+    """Four processes started together on one empty cache all compute the right values; each
+    kernel is built once (the others wait on its lock, then load it), and the cache they leave is
+    whole: a fifth process loads every kernel natively without a word."""
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for command, env in [_command(tmp_path, "relu,tanh")] * 4]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["diff"] < TOL
+        assert "rebuilding" not in err
+    assert sum(err.count("fusedlinear: compiling") for _, err in outs) >= 1
+    assert len(_index_files(tmp_path)) == 5  # forward and backward_columns for two activations, backward_rows
+    fifth, fifth_err = _run(tmp_path, "relu,tanh")
+    assert fifth["diff"] < TOL and not fifth["numba"]
+    assert "fusedlinear" not in fifth_err
+
+
+# ---- the BLAS and tile choice, measured once per machine and shape ----------------------------
+
+@pytest.fixture
+def fresh_tuning(tmp_path, monkeypatch):
+    """The backend as a new process finds it, with its tuning file in tmp_path; returns
+    (restart, timed): ``restart()`` forgets what this 'process' measured and planned, ``timed``
+    lists the candidates timed so far."""
+    from fusedlinear.backend import numba_cpu
+    from fusedlinear.kernels import cpu_cache
+
+    if numba_cpu.blas_libraries().keys() != {"mkl", "openblas"}:
+        pytest.skip("needs both PyTorch's MKL and scipy's OpenBLAS")
+    monkeypatch.setattr(cpu_cache, "cache_dir", lambda: str(tmp_path))  # the tuning file only; kernels stay
+    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", "auto")
+    timed = []
+    time_plans = numba_cpu._time_plans
+
+    def counting(plans, *args):
+        timed.extend(plans)
+        return time_plans(plans, *args)
+
+    monkeypatch.setattr(numba_cpu, "_time_plans", counting)
+
+    def restart():
+        monkeypatch.setattr(numba_cpu, "_tuning", {"choices": None, "spent": 0.0, "announced": True})
+        monkeypatch.setattr(numba_cpu, "_plans", {})
+
+    restart()
+    return restart, timed
+
+
+def _layer_call():
+    import fusedlinear
+
+    x, w = torch.randn(64, 300), torch.randn(200, 300, requires_grad=True)
+    out = fusedlinear.fused_linear(x, w, None, "relu")
+    torch.testing.assert_close(out, torch.relu(x @ w.T), atol=1e-4, rtol=1e-4)  # float32, K = 300
+    return out
+
+
+def test_blas_choice_is_measured_once_then_read_from_the_machines_file(fresh_tuning, tmp_path):
+    from fusedlinear.backend import numba_cpu
+
+    restart, timed = fresh_tuning
+    _layer_call()
+    candidates = len(timed)
+    assert candidates >= 2  # both libraries (and, with 2+ threads, both tile layouts)
+    (path,) = tmp_path.glob("tuning_*.json")
+    choices = json.loads(json.loads(path.read_text())["payload"])
+    assert list(choices) == [numba_cpu._shape_class(torch.zeros(64, 300), torch.zeros(200, 300), None)]
+    restart()  # a new process: reads the file, times nothing
+    _layer_call()
+    assert len(timed) == candidates
+    assert numba_cpu._choices() == choices
+
+
+@pytest.mark.parametrize("changed", ["cpu", "vector_bits", "openblas", "torch"])
+def test_another_cpu_or_library_version_tunes_again(fresh_tuning, tmp_path, monkeypatch, changed):
+    from fusedlinear.backend import numba_cpu
+
+    restart, timed = fresh_tuning
+    _layer_call()
+    first = len(timed)
+    key = numba_cpu.machine_key()
+    monkeypatch.setattr(numba_cpu, "machine_key", lambda: {**key, changed: f"another {key[changed]}"})
+    restart()
+    _layer_call()
+    assert len(timed) == 2 * first  # timed again, into a second file
+    assert len(list(tmp_path.glob("tuning_*.json"))) == 2
+
+
+def test_forced_blas_is_not_measured(fresh_tuning, monkeypatch):
+    from fusedlinear.backend import numba_cpu
+    from fusedlinear.kernels import cpu_params as slots
+
+    restart, timed = fresh_tuning
+    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", "mkl")
+    restart()
+    _layer_call()
+    assert timed == []
+    (plan,) = numba_cpu._plans.values()
+    assert all(template[slots.P_GEMM] == numba_cpu.blas_libraries()["mkl"]["float32"] for _, _, template, _ in plan.launches)
+
+
+def test_a_damaged_tuning_file_is_measured_again_with_one_warning(fresh_tuning, tmp_path):
+    restart, timed = fresh_tuning
+    _layer_call()
+    first = len(timed)
+    (path,) = tmp_path.glob("tuning_*.json")
+    path.write_bytes(path.read_bytes()[:-20])
+    restart()
+    with pytest.warns(RuntimeWarning, match="tuning_.*is damaged.*rebuilding it"):
+        _layer_call()
+    assert len(timed) == 2 * first
+    restart()
+    _layer_call()  # whole again
+    assert len(timed) == 2 * first

@@ -1,0 +1,94 @@
+"""The CPU backend (backend/numba_cpu.py) as its docstrings promise it: db summed in float64, and
+a forked child that reuses the parent's launch plans still runs (on one thread)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedlinear
+from fusedlinear import backend
+
+
+@pytest.mark.skipif(backend.select(torch.device("cpu"), torch.float32) != "numba", reason="the numba backend is not the CPU backend here")
+def test_db_is_summed_in_float64():
+    """kernels/cpu.py: "db, summed in float64". 10^6 float32 rows of dA = 0.1 through an identity
+    layer: db = Σ dA. Summed in float64 it is 100000.0015 before the final rounding to float32,
+    i.e. 100000.0 to within float32's spacing there (2^-7); summed row by row in float32 it
+    drifts to ~100958 (each addition rounds to the spacing of the growing sum)."""
+    m = 10**6
+    x = torch.zeros(m, 2)
+    w = torch.zeros(3, 2, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    fusedlinear.fused_linear(x, w, b, "identity").backward(torch.full((m, 3), 0.1))
+    spacing = 2.0**-7  # float32 ulp in [65536, 131072)
+    assert b.grad.dtype == torch.float32
+    assert torch.all((b.grad - 100000.0).abs() <= spacing), b.grad
+
+
+_FORK_AFTER_FUSED_CALL = r"""
+import os, signal, warnings
+import torch, torch.nn.functional as F
+import fusedlinear
+torch.set_num_threads(2)
+torch.manual_seed(0)
+x, w, b = torch.randn(96, 200, dtype=torch.float64), torch.randn(150, 200, dtype=torch.float64), torch.randn(150, dtype=torch.float64)
+ref = F.gelu(F.linear(x, w, b))
+with torch.no_grad():
+    first = fusedlinear.fused_linear(x, w, b, "gelu")  # 2*96*200*150 flops: the parallel (OpenMP) path
+assert torch.allclose(first, ref, atol=1e-10, rtol=1e-10)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a hung child (GOMP_parallel waiting for threads it does not have) dies
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = fusedlinear.fused_linear(x, w, b, "gelu")  # the SAME call: the parent's cached plan's key
+    ok = torch.allclose(out, ref, atol=1e-10, rtol=1e-10)  # float64: summation order only
+    os._exit(0 if ok and sum("forked" in str(c.message) for c in caught) == 1 else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(backend.select(torch.device("cpu"), torch.float32) != "numba", reason="the numba backend is not the CPU backend here")
+def test_forked_child_repeating_the_parents_parallel_call_does_not_hang():
+    """The parent ran this very call on its OpenMP pool, so its launch plan is cached; the forked
+    child repeats it. The at-fork hook (backend.FORK) must make the child run on one thread: without
+    it the child finds the parent's plan and waits in GOMP_parallel for threads it does not have."""
+    out = subprocess.run([sys.executable, "-c", _FORK_AFTER_FUSED_CALL], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "child 0", (out.stdout, out.stderr[-2000:])  # -14: killed by the alarm (hung)
+
+
+def test_scipy_blas_through_cython_blas_when_the_bundled_library_is_not_found(monkeypatch):
+    """kernels/blas.py loads scipy's bundled OpenBLAS directly; for other scipy builds it falls
+    back to cython_blas's function pointers and threadpoolctl. Both must name the same library
+    and compute C = A B (called here through ctypes, Fortran interface, column-major)."""
+    import ctypes
+
+    import numpy as np
+
+    from fusedlinear.kernels import blas
+
+    direct = (blas.scipy_gemm_addresses(), blas.scipy_openblas_core(), blas.scipy_openblas_version())
+    monkeypatch.setattr(blas, "_bundled", lambda: None)
+    fallback = (blas.scipy_gemm_addresses(), blas.scipy_openblas_core(), blas.scipy_openblas_version())
+    assert fallback[1:] == direct[1:] and direct[1] != ""
+    blas.limit_scipy_blas_threads()
+    assert blas._scipy_openblas().num_threads == 1
+    rng = np.random.default_rng(0)
+    a, b = np.asfortranarray(rng.standard_normal((3, 4))), np.asfortranarray(rng.standard_normal((4, 5)))
+    for addresses in (direct[0], fallback[0]):
+        c = np.zeros((3, 5), order="F")
+        ref = ctypes.c_void_p
+        dgemm = ctypes.CFUNCTYPE(None, *[ref] * 13)(addresses["dgemm"])
+        ints = [np.array([v], np.int32) for v in (3, 5, 4, 3, 4, 3)]  # m, n, k, lda, ldb, ldc
+        one, zero, n = np.array([1.0]), np.array([0.0]), np.frombuffer(b"N", np.uint8)
+        p = lambda arr: arr.ctypes.data  # noqa: E731
+        dgemm(p(n), p(n), p(ints[0]), p(ints[1]), p(ints[2]), p(one), p(a), p(ints[3]), p(b), p(ints[4]),
+              p(zero), p(c), p(ints[5]))
+        np.testing.assert_allclose(c, a @ b, rtol=1e-12, atol=1e-12)  # float64, 4 terms: rounding only
