@@ -101,7 +101,8 @@ def forced_backend() -> str | None:
     return _check_name(env, f"environment variable {ENV_VAR}") if env else None
 
 
-def _runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+def runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether backend ``name`` runs tensors of ``dtype`` on ``device`` (by the table; not whether it is installed)."""
     _, device_types, dtypes = BACKENDS[name]
     return (not device_types or device.type in device_types) and (not dtypes or dtype in dtypes)
 
@@ -116,7 +117,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
     """The backend name a call on (device, dtype) uses now."""
     forced = forced_backend()
     if forced is not None:
-        if not _runs(forced, device, dtype):
+        if not runs(forced, device, dtype):
             _, device_types, dtypes = BACKENDS[forced]
             raise RuntimeError(
                 f"backend {forced!r} runs {'/'.join(device_types)} tensors of dtype "
@@ -133,7 +134,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
             f"(backend 'torch') for {device.type} tensors.",
         )
         return "torch"
-    if not _runs(name, device, dtype):
+    if not runs(name, device, dtype):
         _warn_once(
             ("dtype", device.type, dtype),
             f"fusedlinear: no fused kernel for {dtype} on {device.type}; using plain PyTorch ops "
@@ -248,9 +249,25 @@ def backward(grad, saved, x, w, activation: str, slope: float, mask):
     return for_call(x, w).backward(grad, saved, x, w, activation, slope, mask)
 
 
+def prepare_cpu_kernels(activations, dtype: str) -> None:
+    """Load (or, on first use, compile) the CPU kernels of ``activations`` in ``dtype`` ("float32"
+    or "float64") now, every phase, rather than inside the first call that needs them."""
+    from ..kernels import cpu  # imports Numba (~0.3 s): paid by who prepares kernels, not by every import
+
+    cpu.load([(phase, activation, dtype) for activation in activations for phase in cpu.PHASES])
+
+
+def cpu_kernel_cache() -> str | None:
+    """The directory of the CPU kernels' on-disk cache (None: caching is off)."""
+    from ..kernels import cpu  # imports Numba, as above
+
+    return cpu.cache_dir() if cpu.CACHE else None
+
+
 def available() -> dict[str, str]:
     """Each backend and whether it can run here (``"ok"`` or the reason it cannot)."""
     return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
-__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "for_call", "forward", "backward", "available"]
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "runs", "for_call", "forward", "backward", "available",
+           "prepare_cpu_kernels", "cpu_kernel_cache"]
