@@ -17,6 +17,9 @@ Providers: ``fused`` (fusedlinear; ``fused_mkl`` / ``fused_openblas`` force the 
 kernels call, see FUSEDLINEAR_CPU_BLAS), ``eager`` (nn.Linear + activation module), ``compile``
 (torch.compile of the eager model), ``blas`` (the same GEMMs as bare numpy/OpenBLAS calls: the
 limit, timed in its own processes like every other provider).
+
+What runs in each process is :mod:`fusedlinear.bench_worker`; this module starts the processes,
+pools their samples into statistics, and writes the table, the CSV and the plot.
 """
 
 from __future__ import annotations
