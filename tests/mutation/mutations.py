@@ -130,7 +130,8 @@ MUTATIONS = [
          new="key = (_forced or os.environ.get(ENV_VAR), x.device.type)",
          tests=[T_PARITY, "-k", "half_precision"],
          bug="the dispatch cache ignores the dtype: after a float32 call, bfloat16 goes to the float kernels"),
-    dict(id="fork-hook-removed", file="backend/__init__.py",
+    # ---- backend/cpu_runtime.py: process state the CPU kernels depend on ----
+    dict(id="fork-hook-removed", file="backend/cpu_runtime.py",
          old="os.register_at_fork(before=FORK.before, after_in_child=FORK.after_in_child)",
          new="pass  # the at-fork hook removed",
          tests=["tests/test_reliability.py", "-k", "fork"],
