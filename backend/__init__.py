@@ -40,6 +40,8 @@ from types import ModuleType
 
 import torch
 
+from .cpu_runtime import FORK  # noqa: F401  (importing it installs the at-fork hook; numba_cpu reads FORK here)
+
 BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[torch.dtype, ...]]] = {
     # name: (module, device types it runs on, dtypes it runs)
     "numba": ("numba_cpu", ("cpu",), (torch.float32, torch.float64)),
@@ -101,7 +103,8 @@ def forced_backend() -> str | None:
     return _check_name(env, f"environment variable {ENV_VAR}") if env else None
 
 
-def _runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+def runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether backend ``name`` runs tensors of ``dtype`` on ``device`` (by the table; not whether it is installed)."""
     _, device_types, dtypes = BACKENDS[name]
     return (not device_types or device.type in device_types) and (not dtypes or dtype in dtypes)
 
@@ -116,7 +119,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
     """The backend name a call on (device, dtype) uses now."""
     forced = forced_backend()
     if forced is not None:
-        if not _runs(forced, device, dtype):
+        if not runs(forced, device, dtype):
             _, device_types, dtypes = BACKENDS[forced]
             raise RuntimeError(
                 f"backend {forced!r} runs {'/'.join(device_types)} tensors of dtype "
@@ -133,7 +136,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
             f"(backend 'torch') for {device.type} tensors.",
         )
         return "torch"
-    if not _runs(name, device, dtype):
+    if not runs(name, device, dtype):
         _warn_once(
             ("dtype", device.type, dtype),
             f"fusedlinear: no fused kernel for {dtype} on {device.type}; using plain PyTorch ops "
@@ -142,43 +145,6 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
         return "torch"
     return name
 
-
-def _thread_count() -> int:
-    """Threads in this process now (0 if unknown)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
-
-
-class FORK:
-    """Whether this process is a child forked from one that may have had an OpenMP pool, whoever
-    started it (fusedlinear, PyTorch, MKL): libgomp's pool is not fork-safe (GOMP_parallel in the
-    child waits for threads it does not have), so the CPU kernels then run on the calling thread.
-    Tracked from ``import fusedlinear`` on: ``os.fork`` (multiprocessing, DataLoader) records the
-    parent's thread count (more than one: a pool may exist); a fork that bypassed os.fork's hooks
-    shows as a changed pid when the CPU backend next makes a launch plan (then assumed unsafe)."""
-
-    unsafe = False
-    pid = os.getpid()
-    parent_threads = 1
-
-    @classmethod
-    def before(cls) -> None:
-        cls.parent_threads = _thread_count()
-
-    @classmethod
-    def after_in_child(cls) -> None:
-        cls.unsafe = cls.unsafe or cls.parent_threads != 1
-        cls.pid = os.getpid()
-
-    @classmethod
-    def check(cls) -> None:
-        if os.getpid() != cls.pid:
-            cls.unsafe, cls.pid = True, os.getpid()
-
-
-os.register_at_fork(before=FORK.before, after_in_child=FORK.after_in_child)
 
 _modules: dict[str, ModuleType] = {}
 _unavailable_cache: dict[str, str | None] = {}
@@ -276,9 +242,25 @@ def backward(grad, saved, x, w, activation: str, slope: float, mask):
     return route(x, w).backward(grad, saved, x, w, activation, slope, mask)
 
 
+def prepare_cpu_kernels(activations, dtype: str) -> None:
+    """Load (or, on first use, compile) the CPU kernels of ``activations`` in ``dtype`` ("float32"
+    or "float64") now, every phase, rather than inside the first call that needs them."""
+    from ..kernels import cpu  # imports Numba (~0.3 s): paid by who prepares kernels, not by every import
+
+    cpu.load([(phase, activation, dtype) for activation in activations for phase in cpu.PHASES])
+
+
+def cpu_kernel_cache() -> str | None:
+    """The directory of the CPU kernels' on-disk cache (None: caching is off)."""
+    from ..kernels import cpu  # imports Numba, as above
+
+    return cpu.cache_dir() if cpu.CACHE else None
+
+
 def available() -> dict[str, str]:
     """Each backend and whether it can run here (``"ok"`` or the reason it cannot)."""
     return {name: _unavailable(name) or "ok" for name in BACKENDS}
 
 
-__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "route", "forward", "backward", "available"]
+__all__ = ["BACKENDS", "DEFAULT_FOR_DEVICE", "use_backend", "select", "runs", "route", "forward", "backward", "available",
+           "prepare_cpu_kernels", "cpu_kernel_cache"]

@@ -2,6 +2,7 @@
 and the fix, exit status 2, no traceback, and nothing done first (no training before a refusal)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,3 +88,27 @@ def test_forced_cpu_backend_refuses_cuda_device(monkeypatch):
     with pytest.raises(cli.UsageError, match=r"^FUSEDLINEAR_BACKEND=numba cannot run on --device cuda tensors; "
                                              r"unset it or use cupy/torch$"):
         cli._check_forced_backend("cuda")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_says_one_line_and_exits_130(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: one line on stderr saying what was interrupted and
+    that the checkpoint was not written, exit status 130, no traceback, and no file (not even a
+    half-written one) where --save points."""
+    proc = subprocess.Popen([sys.executable, "-m", "fusedlinear", "train", "--epochs", "1000", "--no-progress",
+                             "--save", str(tmp_path / "m.pt")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        while not any(line.startswith("epoch 1/") for line in lines):  # training is under way
+            line = proc.stdout.readline()
+            assert line, f"train ended before its first epoch: {proc.wait()} {proc.stderr.read()[-2000:]}"
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert err.startswith("fusedlinear train: interrupted (Ctrl-C); nothing saved") and str(tmp_path / "m.pt") in err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file left behind

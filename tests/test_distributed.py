@@ -9,13 +9,14 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from distributed_helpers import gradients
 from fusedlinear import distributed, mnist, train
 
 
 @pytest.mark.slow
 def test_two_processes_give_single_process_gradients(tmp_path):
     path = str(tmp_path / "grads.pt")
-    mp.start_processes(distributed.gradients, args=(2, distributed.free_port(), 3, 64, path), nprocs=2,
+    mp.start_processes(gradients, args=(2, distributed.free_port(), 3, 64, path), nprocs=2,
                        join=True, start_method="spawn")
     ddp = torch.load(path)
     data = mnist.load_bundled()
@@ -55,4 +56,4 @@ def test_train_under_torchrun_matches_nproc(tmp_path):
 
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="multiple of --nproc 3"):
-        distributed.check_batch(64, 3)
+        train.check_batch(64, 3)

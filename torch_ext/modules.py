@@ -86,11 +86,6 @@ class FusedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.activation}{slope}")
 
-    # What a subclass fixes: the activation, or how its own arguments choose one.
-    @classmethod
-    def _activation_kwargs(cls, activation="relu", negative_slope=0.01):
-        return {"activation": activation, "negative_slope": negative_slope}
-
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
         """A new fused layer with a copy of ``linear``'s weight and bias (same device and dtype).

@@ -17,150 +17,30 @@ Providers: ``fused`` (fusedlinear; ``fused_mkl`` / ``fused_openblas`` force the 
 kernels call, see FUSEDLINEAR_CPU_BLAS), ``eager`` (nn.Linear + activation module), ``compile``
 (torch.compile of the eager model), ``blas`` (the same GEMMs as bare numpy/OpenBLAS calls: the
 limit, timed in its own processes like every other provider).
+
+What runs in each process is :mod:`fusedlinear.bench_worker`; this module starts the processes,
+pools their samples into statistics, and writes the table, the CSV and the plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib.util
 import json
 import os
-import resource
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
 
-MNIST_LAYERS = ((784, 512), (512, 512), (512, 10))
+from .argtypes import UsageError, number, positive_int, writable_file
+from .bench_worker import MNIST_LAYERS
+from .kernels import NAMES
+from .report import machine_info, pyplot, save_figure
+
 PROVIDERS = ("fused", "fused_openblas", "fused_mkl", "eager", "compile", "blas")
-
-
-# ---- inside a worker process -----------------------------------------------------------------
-
-
-def _samples(fn, warmup: int, reps: int, min_seconds: float) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out, start = [], time.perf_counter()
-    while len(out) < reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def _activation_module(name):
-    from .backend.activations import REGISTRY
-
-    return REGISTRY[name].module(0.01)  # nn.LeakyReLU's default slope
-
-
-def _blas_layer(batch, k, n, mode):
-    """The GEMMs of one layer as numpy calls into preallocated outputs (numpy's OpenBLAS)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x, w = rng.standard_normal((batch, k), np.float32), rng.standard_normal((n, k), np.float32)
-    dz = rng.standard_normal((batch, n), np.float32)
-    z, dx, dw = np.empty((batch, n), np.float32), np.empty((batch, k), np.float32), np.empty((n, k), np.float32)
-
-    def fwd():
-        np.matmul(x, w.T, out=z)
-
-    def bwd():
-        np.matmul(dz, w, out=dx)
-        np.matmul(dz.T, x, out=dw)
-
-    return {"forward": fwd, "backward": bwd, "fwdbwd": lambda: (fwd(), bwd())}[mode]
-
-
-def _blas_step(batch):
-    """The GEMMs of an MNIST training step (layer 1's dX is not needed: 8 GEMMs)."""
-    fns = [_blas_layer(batch, k, n, "forward") for k, n in MNIST_LAYERS]
-    fns += [_blas_layer(batch, k, n, "backward") for k, n in MNIST_LAYERS[1:]]
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    dz, x = rng.standard_normal((batch, 512), np.float32), rng.standard_normal((batch, 784), np.float32)
-    dw = np.empty((512, 784), np.float32)
-    fns.append(lambda: np.matmul(dz.T, x, out=dw))
-    return lambda: [f() for f in fns]
-
-
-def _provider_model(provider, eager):
-    """The model a torch provider times, built from the eager one (same weights)."""
-    import torch
-
-    import fusedlinear
-
-    return {"fused": lambda: fusedlinear.fuse(eager), "eager": lambda: eager,
-            "compile": lambda: torch.compile(eager, dynamic=False)}[provider]()
-
-
-def _torch_layer(provider, batch, k, n, activation, mode):
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    linear = nn.Linear(k, n)
-    eager = nn.Sequential(linear, _activation_module(activation))
-    model = _provider_model(provider, eager)
-    x = torch.randn(batch, k, requires_grad=mode != "forward")
-    if provider == "fused":  # validate before timing
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
-    grad = torch.randn(batch, n)
-    if mode == "forward":
-        def fn():
-            with torch.no_grad():
-                model(x)
-        return fn
-    leaves = [x, *model.parameters()]
-
-    def fresh_grads():  # as a training loop's zero_grad(set_to_none=True): no accumulation pass timed
-        for t in leaves:
-            t.grad = None
-
-    if mode == "backward":
-        state = {}
-
-        def fn():
-            if "out" not in state:
-                state["out"] = model(x)
-            fresh_grads()
-            state["out"].backward(grad, retain_graph=True)
-        return fn
-
-    def fn():
-        fresh_grads()
-        model(x).backward(grad)
-    return fn
-
-
-def _torch_mnist(provider, batch, train: bool):
-    import torch
-    from torch import nn
-
-    from fusedlinear.mnist import NeuralNetwork
-
-    torch.manual_seed(0)
-    eager = NeuralNetwork()
-    model = _provider_model(provider, eager)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    if provider == "fused":
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
-    if not train:
-        def infer():
-            with torch.no_grad():
-                model(x)
-        return infer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
 
 
 def flops(what, batch, k=0, n=0, mode="fwdbwd"):
@@ -172,95 +52,14 @@ def flops(what, batch, k=0, n=0, mode="fwdbwd"):
     return 2 * batch * k * n * {"forward": 1, "backward": 2, "fwdbwd": 3}[mode]
 
 
-def run_worker(spec: dict) -> dict:
-    if spec["provider"].startswith("fused_"):  # before fusedlinear picks its BLAS
-        os.environ["FUSEDLINEAR_CPU_BLAS"] = spec["provider"].split("_", 1)[1]
-        spec = spec | {"provider": "fused"}
-    import torch
-
-    results = []
-    for batch in spec["batches"]:
-        p = spec["provider"]
-        if spec["what"] == "layer":
-            k, n = spec["shape"]
-            fn = (_blas_layer(batch, k, n, spec["mode"]) if p == "blas"
-                  else _torch_layer(p, batch, k, n, spec["activation"], spec["mode"]))
-        elif p == "blas":
-            fn = _blas_step(batch) if spec["what"] == "step" else _blas_layer_chain(batch)
-        else:
-            fn = _torch_mnist(p, batch, train=spec["what"] == "step")
-        warmup = 20 if p == "compile" else 5
-        results.append({"batch": batch, "samples": _samples(fn, warmup, spec["reps"], spec["min_seconds"])})
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    return {"results": results, "peak_rss_mib": rss, "torch_threads": torch.get_num_threads()}
-
-
-def _blas_layer_chain(batch):
-    fns = [_blas_layer(batch, k, n, "forward") for k, n in MNIST_LAYERS]
-    return lambda: [f() for f in fns]
-
-
-# ---- the parent: processes, rounds, aggregation, CSV, plot ------------------------------------
-
-
-def time_cuda(fn, warmup: int = 10, reps: int = 50) -> list[float]:
-    """Seconds per call of ``fn`` from CUDA events, after warm-up (module load, NVRTC compile)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return samples
-
-
 def quantiles(samples):
     s = sorted(samples)
     pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
     return pick(0.5), pick(0.2), pick(0.8)
 
 
-def machine_info() -> dict:
-    import platform
-
-    import numpy
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"machine": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
-    try:  # the kernels scipy's OpenBLAS (the fused CPU path's BLAS) actually runs
-        from fusedlinear.kernels._numba_runtime import scipy_openblas_core
-
-        info["openblas_core"] = scipy_openblas_core()
-    except ImportError:
-        pass
-    try:
-        import numba
-
-        info["numba"] = numba.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fusedlinear.bench", "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "fusedlinear.bench_worker", json.dumps(spec)],
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {spec['provider']} failed:\n{proc.stderr[-3000:]}")
@@ -320,8 +119,6 @@ def print_table(rows) -> None:
 
 
 def append_csv(path, rows) -> None:
-    import csv
-
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="") as f:
@@ -340,8 +137,6 @@ def append_csv(path, rows) -> None:
 
 def read_csv(path) -> list[dict]:
     """Rows written by ``--csv``, numbers as numbers (for plotting them again)."""
-    import csv
-
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -355,13 +150,7 @@ def read_csv(path) -> list[dict]:
 
 
 def plot(rows, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fusedlinear[bench]'") from None
+    plt = pyplot("bench")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows)):
         mine = [r for r in rows if r["provider"] == p]
@@ -377,9 +166,7 @@ def plot(rows, path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def coldstart(args) -> list[dict]:
@@ -439,16 +226,12 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _activation(text: str) -> str:
-    from .kernels import NAMES
-
     if text not in NAMES:
         raise argparse.ArgumentTypeError(f"{text!r} is not an activation; choose from {', '.join(NAMES)}")
     return text
 
 
 def add_parser(sub) -> None:
-    from .cli import _number, positive_int, writable_file
-
     p = sub.add_parser("bench", help="benchmarks beside eager PyTorch, torch.compile and bare BLAS",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("layer", "step", "infer", "coldstart"))
@@ -459,7 +242,7 @@ def add_parser(sub) -> None:
     p.add_argument("--activation", type=_activation, default="relu", help="layer only")
     p.add_argument("--rounds", type=positive_int, default=3, help="processes per provider, alternated (default 3)")
     p.add_argument("--reps", type=positive_int, default=20, help="timed calls per point per process, at least")
-    p.add_argument("--min-seconds", type=_number(float, minimum=0), default=0.5,
+    p.add_argument("--min-seconds", type=number(float, minimum=0), default=0.5,
                    help="timed seconds per point per process, at least")
     p.add_argument("--csv", type=writable_file, help="append rows to this CSV")
     p.add_argument("--plot", type=writable_file, help="PNG of time/eager and GFLOP/s against batch")
@@ -467,6 +250,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the runs, not after
+        raise UsageError("--plot needs matplotlib: pip install 'fusedlinear[bench]' (or drop --plot)")
     if args.what == "coldstart":
         rows = coldstart(args)
         if args.csv:
@@ -481,10 +266,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(run_worker(json.loads(sys.argv[2]))))
-    else:
-        from .cli import main
-
-        sys.exit(main(["bench", *sys.argv[1:]]))
+if __name__ == "__main__":  # python -m fusedlinear.bench ARGS is fusedlinear bench ARGS (the CLI's own entry)
+    sys.argv[1:1] = ["bench"]
+    runpy.run_module("fusedlinear", run_name="__main__")

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import platform
 import sys
-import tempfile
+import warnings
 
 import torch
 
-
-class UsageError(Exception):
-    """A bad argument or environment value: ``main`` prints it as one line and exits with 2."""
+from . import __version__, backend, bench, distributed, mnist, parity_command, train
+from .argtypes import UsageError, seed, writable_file
+from .backend import cupy_cuda, numba_cpu
+from .kernels import tiling as numba_tiling
+from .report import dtype_name, machine_info
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,58 +30,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind, minimum):
-    """An argparse type: a finite ``kind`` (int or float) of at least ``minimum``."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of at least {minimum}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, minimum=1)
-
-
-def writable_file(text: str) -> str:
-    """An argparse type: a file path whose directory exists and may be written (checked before
-    any work, so a long run does not end in a failed save)."""
-    directory = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name in it")
-    if not os.path.isdir(directory):
-        raise argparse.ArgumentTypeError(f"{text!r}: directory {directory} does not exist; create it first")
-    if os.path.exists(text) and not os.access(text, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be written here; choose a writable path")
-    try:  # a real write, as the save will do (os.access says yes to root on /proc and read-only mounts)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fusedlinear-check-"):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be written here ({exc.strerror}); "
-                                         f"choose a writable path") from None
-    return text
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed that torch.manual_seed takes (0 <= seed < 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range; use a seed from 0 to 2**63 - 1")
-    return value
-
-
 def _check_environment() -> None:
     """FUSEDLINEAR_BACKEND and FUSEDLINEAR_CPU_BLAS, before any work."""
-    from . import backend
-    from .backend import numba_cpu
-
     try:
         backend.forced_backend()
     except ValueError as exc:
@@ -133,18 +84,14 @@ def _check_device(device: str) -> str:
 
 def _check_forced_backend(device: str) -> None:
     """FUSEDLINEAR_BACKEND must run the training's tensors (float32 on ``device``), before training."""
-    from . import backend
-
     forced, dev = backend.forced_backend(), torch.device(device)
-    if forced is not None and not backend._runs(forced, dev, torch.float32):
-        fits = [name for name in backend.BACKENDS if backend._runs(name, dev, torch.float32)]
+    if forced is not None and not backend.runs(forced, dev, torch.float32):
+        fits = [name for name in backend.BACKENDS if backend.runs(name, dev, torch.float32)]
         raise UsageError(f"{backend.ENV_VAR}={forced} cannot run on --device {device} tensors; "
                          f"unset it or use {'/'.join(fits)}")
 
 
 def cmd_train(args) -> int:
-    from . import mnist, train
-
     device = _check_device(args.device or _default_device())
     _check_forced_backend(device)
     if args.nproc < 1:
@@ -169,18 +116,16 @@ def cmd_train(args) -> int:
         print(f"data: {data.source}")
         print(f"device: {device}, fused backend: {train.backend_for(cfg)}, torch threads: {torch.get_num_threads()}")
     progress = not args.no_progress
-    from . import distributed
-
     if args.nproc > 1 or distributed.under_torchrun():
         if args.compare:
             raise UsageError("--compare runs in one process; drop --nproc")
         try:
             if distributed.under_torchrun():
                 world = int(os.environ["WORLD_SIZE"])
-                distributed.check_batch(cfg.batch_size, world)
-                result = distributed.train_worker(int(os.environ["RANK"]), world, None, data, cfg, False)
+                train.check_batch(cfg.batch_size, world)
+                result = train.train_worker(int(os.environ["RANK"]), world, None, data, cfg)
             else:
-                result = distributed.launch(args.nproc, data, cfg)
+                result = train.launch(args.nproc, data, cfg)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if result is None:  # not rank 0 under torchrun: rank 0 reports and saves
@@ -202,29 +147,28 @@ def cmd_train(args) -> int:
               f"{summary['seconds']:.1f} s in all, {summary['samples_per_s']:,.0f} samples/s while training")
     if args.save:
         train.save_state_dict(model, args.save)
+        args.written.append(args.save)
         print(f"saved state_dict to {args.save} (loads into fusedlinear.mnist.NeuralNetwork with strict=True)")
     if args.json:
         train.save_json(summary, args.json)
+        args.written.append(args.json)
         print(f"wrote {args.json}")
     if args.plot and histories:
         try:
             train.save_plot(histories, args.plot)
         except RuntimeError as exc:
             raise UsageError(str(exc)) from None
+        args.written.append(args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_info(args) -> int:
-    import numba
-    import numpy
-
-    from . import __version__, backend
-
-    print(f"fusedlinear {__version__}  (python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs)")
-    print(f"torch {torch.__version__}, numpy {numpy.__version__}, numba {numba.__version__}")
+    env = machine_info()
+    print(f"fusedlinear {__version__}  (python {env['python']}, {platform.machine()}, {env['cores']} CPUs)")
+    print(f"torch {env['torch']}, numpy {env['numpy']}, numba {env['numba']}")
     try:
-        import cupy
+        import cupy  # optional (the CUDA extra): asked for here only
 
         print(f"cupy {cupy.__version__}")
     except ImportError:
@@ -233,24 +177,19 @@ def cmd_info(args) -> int:
     print("devices:")
     for d in devices:
         name = "CPU" if d == "cpu" else torch.cuda.get_device_name(int(d.split(":")[1]))
-        chosen = {dt: _safe_select(backend, d, dt) for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
-        print(f"  {d:8s} {name}: " + ", ".join(f"{str(dt).replace('torch.', '')} -> {b}" for dt, b in chosen.items()))
+        chosen = {dt: _safe_select(d, dt) for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+        print(f"  {d:8s} {name}: " + ", ".join(f"{dtype_name(dt)} -> {b}" for dt, b in chosen.items()))
     print("backends:")
     for name, status in backend.available().items():
         print(f"  {name:6s} {status}")
     forced = os.environ.get(backend.ENV_VAR)
     print(f"forced backend ({backend.ENV_VAR}): {forced or 'none'}")
     try:
-        from .backend import cupy_cuda
-
         engine = cupy_cuda.engine()
     except ValueError as exc:
         engine = f"error: {exc}"
     print(f"CUDA GEMM engine (FUSEDLINEAR_CUDA_GEMM): {engine}  (vendor: PyTorch's cuBLAS GEMMs + fused element-wise "
           f"kernels; own: fused SIMT GEMM, float32/float64), TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}")
-    from .backend import numba_cpu
-    from .kernels import tiling as numba_tiling
-
     print("threads:")
     print(f"  torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
     print(f"  fused CPU kernels: {numba_cpu.threading_report()}, torch.get_num_threads() threads")
@@ -258,17 +197,13 @@ def cmd_info(args) -> int:
     print(f"  BLAS per tile: {small}" if small == large else
           f"  BLAS per tile: {small} below {numba_tiling.CPU_OPENBLAS_MIN_ROWS} rows, {large} from there on")
     print("JIT caches:")
-    from .kernels import cpu
-
-    print(f"  numba: {(cpu.cache_dir() if cpu.CACHE else None) or 'disabled'}"
+    print(f"  numba: {backend.cpu_kernel_cache() or 'disabled'}"
           f"{' (NUMBA_CACHE_DIR)' if os.environ.get('NUMBA_CACHE_DIR') else ''}")
     print(f"  cupy: {os.environ.get('CUPY_CACHE_DIR', os.path.expanduser('~/.cupy/kernel_cache'))}")
     return 0
 
 
-def _safe_select(backend, device, dtype) -> str:
-    import warnings
-
+def _safe_select(device, dtype) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -282,22 +217,32 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     sub.add_parser("info", help="versions, devices, backends, JIT caches, threads")
-    try:
-        from .bench import add_parser as add_bench
-    except ImportError:  # pragma: no cover
-        add_bench = None
-    if add_bench is not None:
-        add_bench(sub)
-    from .parity import add_parser as add_parity
-
-    add_parity(sub)
+    bench.add_parser(sub)
+    parity_command.add_parser(sub)
     args = parser.parse_args(argv)
+    args.written = []  # the files train has finished writing, for the Ctrl-C line
     try:
         _check_environment()
         return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
     except UsageError as exc:
         print(f"fusedlinear {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and 130 (128 + SIGINT, as a shell reports it), no traceback
+        print(f"fusedlinear {args.command}: interrupted (Ctrl-C); {_what_was_saved(args)}", file=sys.stderr)
+        return 130
+
+
+def _what_was_saved(args) -> str:
+    """After Ctrl-C: which output files exist whole (train writes each through a temporary file and a
+    rename, after training: never half-written) and which were not written."""
+    outputs = [getattr(args, name, None) for name in ("save", "json", "plot", "csv")]
+    missing = [path for path in outputs if path and path not in args.written]
+    if args.written:
+        return (f"written before it: {', '.join(args.written)}"
+                + (f"; not written: {', '.join(missing)}" if missing else ""))
+    if missing:
+        return f"nothing saved ({', '.join(missing)} not written: outputs are written only when the run completes)"
+    return "nothing to save"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ expanded operands, with and without bias, and a 2-layer chain: the output and ev
 from the same values. A spy on the backend's module checks that the forced backend really ran
 (a silent fallback cannot pass). One table; exit status 1 on any mismatch.
 
+This module is the float64 error model and the check of one case (:func:`run_case`); the command
+that runs them all and prints the table is :mod:`fusedlinear.parity_command`.
+
 Error model (the tolerance). Each element gets an error bound, propagated through the layer
 the way rounding errors propagate, in float64 beside the reference values:
 
@@ -32,18 +35,14 @@ when it is ≤ the tolerance ``SAFETY·u`` (every element within its bound).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import json
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import NAMES
+from .torch_ext import fused_chain, fused_linear
 
 SAFETY = 8  # error terms are bounds of one rounding each; 8 of them leave room without hiding a wrong value
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -68,9 +67,7 @@ def _reference_table():
 REFERENCE = _reference_table()
 
 
-def _check_table() -> None:
-    from .kernels import NAMES
-
+def check_table() -> None:
     missing = set(NAMES) - set(REFERENCE)
     if missing:
         raise RuntimeError(f"fusedlinear.parity: no float64 PyTorch reference for activation(s) {sorted(missing)}; "
@@ -185,7 +182,7 @@ def compare(got, ref, bound, dtype) -> tuple[float, bool, str]:
     return value, ok, note
 
 
-# ---- the command -----------------------------------------------------------------------------
+# ---- one case: the call under test beside its float64 reference --------------------------------
 
 
 @dataclass(frozen=True)
@@ -245,8 +242,6 @@ def _strided_bias(b: torch.Tensor) -> torch.Tensor:
 def run_case(case: Case, activation: str, dtype, device, seed: int) -> dict:
     """The call under test (``fused_linear`` or, for two layers, ``fused_chain``) on ``device`` in
     ``dtype`` against the float64 reference. Returns ``{name: (rel error, ok, note)}`` per tensor."""
-    from . import fused_chain, fused_linear
-
     g = torch.Generator().manual_seed(seed)
     slope = 0.2
     x64 = torch.randn(*case.lead, case.k, generator=g, dtype=torch.float64)
@@ -284,175 +279,3 @@ def run_case(case: Case, activation: str, dtype, device, seed: int) -> dict:
         if b_op is not None:
             got[f"bias{i}"] = b_op.grad
     return {name: compare(got.get(name), ref, bound, dtype) for name, (ref, bound) in want.items()}
-
-
-class _Spy:
-    """Counts calls of a backend module's forward and backward while active."""
-
-    def __init__(self, module):
-        self.module, self.calls = module, {"forward": 0, "backward": 0}
-
-    @contextlib.contextmanager
-    def active(self):
-        originals = {name: getattr(self.module, name) for name in self.calls}
-
-        def counting(name):
-            def wrapped(*args, **kwargs):
-                self.calls[name] += 1
-                return originals[name](*args, **kwargs)
-            return wrapped
-
-        for name in self.calls:
-            setattr(self.module, name, counting(name))
-        try:
-            yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(self.module, name, fn)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-DTYPES = {_dtype_name(d): d for d in UNIT_ROUNDOFF}
-
-
-def targets(backends=None, dtypes=None) -> tuple[list[tuple[str, str, torch.dtype]], list[str]]:
-    """(backend, device, dtype) triples to check here, and lines about backends that cannot run here."""
-    from . import backend
-
-    skipped, found = [], []
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    for name, (_, device_types, kernel_dtypes) in backend.BACKENDS.items():
-        if backends is not None and name not in backends:
-            continue
-        reason = backend.available()[name]
-        if reason != "ok":
-            skipped.append(f"{name}: cannot run here ({reason})")
-            continue
-        devices = [d for d in ["cpu"] + gpus if not device_types or d.split(":")[0] in device_types]
-        if not devices:
-            skipped.append(f"{name}: no {'/'.join(device_types)} device here")
-        for device in devices:
-            for dtype in kernel_dtypes or tuple(UNIT_ROUNDOFF):
-                if dtypes is None or dtype in dtypes:
-                    found.append((name, device, dtype))
-    return found, skipped
-
-
-def run(backends=None, dtypes=None, quick=False, activations=None, out=sys.stdout, on_row=None) -> list[dict]:
-    """Every check, as table rows (dicts); ``on_row(row)`` is called as each row completes."""
-    import warnings
-
-    from . import backend, use_backend
-    from .kernels import NAMES
-
-    _check_table()
-    found, skipped = targets(backends, dtypes)
-    for line in skipped:
-        print(f"parity: {line}", file=out)
-    rows = []
-    for seed, (name, device, dtype) in enumerate(found):
-        # the module that implements `name` (not what dispatch returns for it): a fallback is not counted
-        spy = _Spy(importlib.import_module(f"{backend.__name__}.{backend.BACKENDS[name][0]}"))
-        for activation in activations or NAMES:
-            for j, case in enumerate(cases(quick)):
-                spy.calls.update(forward=0, backward=0)
-                row = {"backend": name, "device": device, "dtype": _dtype_name(dtype), "activation": activation,
-                       "case": case.name, "error": 0.0, "tolerance": tolerance(dtype), "ok": True, "note": ""}
-                try:
-                    with spy.active(), use_backend(name), warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # e.g. a one-time fallback warning of another call
-                        results = run_case(case, activation, dtype, device, seed * 1000 + j)
-                except Exception as exc:  # a backend that raises is a failed row, reported in the table
-                    row.update(error=math.inf, ok=False, note=f"{type(exc).__name__}: {exc}")
-                    rows.append(row)
-                    if on_row:
-                        on_row(row)
-                    continue
-                bad = [(n, r) for n, r in results.items() if not r[1]]
-                row["error"] = max(r[0] for r in results.values())
-                if bad:
-                    row.update(ok=False, note="; ".join(f"{n} {r[2]}" for n, r in bad))
-                elif min(spy.calls.values()) == 0:
-                    row.update(ok=False, note=f"backend {name!r} did not run ({spy.calls}): a silent fallback")
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-    return rows
-
-
-def format_table(rows) -> str:
-    cells = [[r["backend"], r["device"], r["dtype"], r["activation"], r["case"], f"{r['error']:.2e}",
-              f"{r['tolerance']:.1e}", "ok" if r["ok"] else "MISMATCH " + r["note"]] for r in rows]
-    header = ["backend", "device", "dtype", "activation", "case", "rel. error", "tolerance", "ok"]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)][:-1]
-    line = lambda c: "  ".join(str(v).ljust(w) for v, w in zip(c, widths)) + "  " + c[-1]  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths] + ["--"])] + [line(c) for c in cells])
-
-
-def _bad_argument(message: str):
-    """A bad argument: one line naming the value and the fix, exit status 2 (as argparse's own errors)."""
-    print(f"fusedlinear parity: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _parse_list(value: str, valid: dict | list, what: str) -> list:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in valid]
-    if bad or not items:
-        _bad_argument(f"--{what} {value!r}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
-                          f"choose from {', '.join(valid)} (comma-separated)")
-    return items
-
-
-_EPILOG = "tolerances (per dtype, and why):\n" + "\n".join(f"  {k:9s} {v}" for k, v in TOLERANCE_REASONS.items()) + """
-
-rel. error: max over elements of |got - ref| / scale, where scale = the element's error bound /
-tolerance: sqrt(L)*sum|terms| for a sum of L products, propagated through the activation and its
-derivative (see fusedlinear/parity.py). A row is ok when every element is within its bound.
-Exit status: 0 all ok, 1 a mismatch (or a backend that failed or did not run), 2 bad arguments."""
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("parity", help="check every backend that runs here against float64 PyTorch",
-                       description=__doc__.split("\n\n")[0] + " Output and every gradient, every activation, "
-                       "odd shapes, strided/transposed/expanded operands, with and without bias.",
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", help="comma-separated backends to check (default: every one that runs here)")
-    p.add_argument("--dtype", help="comma-separated dtypes (default: each dtype a backend runs; "
-                                   "torch: float64, float32, float16, bfloat16)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes (5 instead of 10, each with and without bias)")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    p.add_argument("--progress", action="store_true",
-                   help="also print each row to stderr as it completes (a run cut short keeps them)")
-    p.set_defaults(func=cmd_parity)
-
-
-def cmd_parity(args) -> int:
-    from . import backend
-
-    backends = _parse_list(args.backend, backend.BACKENDS, "backend") if args.backend else None
-    dtypes = [DTYPES[d] for d in _parse_list(args.dtype, DTYPES, "dtype")] if args.dtype else None
-    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
-    if folder and not os.path.isdir(folder):
-        _bad_argument(f"--json {args.json!r}: directory {folder!r} does not exist; create it or pick another path")
-    found, skipped = targets(backends, dtypes)
-    if not found:
-        runs = "; ".join(f"{n} runs {'/'.join(_dtype_name(d) for d in dts) or 'every float dtype'}"
-                         for n, (_, _, dts) in backend.BACKENDS.items())
-        _bad_argument(f"nothing to check here with --backend {args.backend or 'all'} --dtype {args.dtype or 'all'}"
-                          + (f" ({'; '.join(skipped)})" if skipped else "") + f"; {runs}")
-    start = time.perf_counter()
-    progress = (lambda row: print("row: " + format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-                ) if args.progress else None
-    rows = run(backends, dtypes, args.quick, on_row=progress)
-    print(format_table(rows))
-    bad = sum(not r["ok"] for r in rows)
-    print(f"{len(rows)} checks, {bad} mismatches, {time.perf_counter() - start:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "mismatches": bad, "torch": torch.__version__}, f, indent=1)
-        print(f"wrote {args.json}")
-    return 1 if bad else 0

@@ -1,20 +1,33 @@
-"""Training the MNIST model, eager or fused: the job behind ``fusedlinear train``."""
+"""Training the MNIST model, eager or fused: the job behind ``fusedlinear train``.
+
+In one process (:func:`run_training`, :func:`run_compare`) or in several: ``--nproc N`` starts N
+processes itself (:func:`launch`: start method "spawn", a free local port); under ``torchrun``
+(RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) the process joins the group torchrun
+describes (:func:`train_worker`). ``--batch-size`` is the *global* batch: each step every rank
+takes its own 1/N of the same global batch, and DDP averages the gradients, so a step equals the
+single-process step on that global batch (tests/test_distributed.py checks the gradients). Each
+rank uses cores/N threads; loss and accuracy are reduced across ranks (:mod:`.distributed`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
+from tqdm import tqdm
 
-from . import backend
+from . import backend, distributed
 from .mnist import Dataset, NeuralNetwork
+from .report import atomic_write, dtype_name, machine_info, pyplot, save_figure
 from .torch_ext import FusedLinear, fuse
 
 
@@ -138,8 +151,6 @@ class Trainer:
         return loss.detach()
 
     def epoch(self, progress=None) -> None:
-        from . import distributed
-
         order = torch.randperm(len(self.y), generator=self.shuffle).to(self.cfg.device)
         bs = self.cfg.batch_size
         start = time.perf_counter()
@@ -174,23 +185,17 @@ def prepare_kernels(model: nn.Module, cfg: TrainConfig) -> None:
     """Load (or, on first use, compile) the fused CPU kernels ``model`` runs, before any progress
     bar: a first run's compile, with its one line on stderr, comes before training starts and
     not inside the first epoch's bar and time. Nothing to do for other backends."""
-    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(cfg.dtype)
-    if dtype is None or backend_for(cfg) != "numba":
+    if cfg.dtype not in (torch.float32, torch.float64) or backend_for(cfg) != "numba":
         return
-    from .kernels import cpu
-
     activations = {m.activation for m in model.modules() if isinstance(m, FusedLinear)}
     if activations and any(type(m) is nn.Linear for m in model.modules()):
         activations.add("identity")  # a plain nn.Linear in a run of fused layers runs in their fused_chain
-    activations = sorted(activations)
-    cpu.load([(phase, activation, dtype) for activation in activations for phase in cpu.PHASES])
+    backend.prepare_cpu_kernels(sorted(activations), dtype_name(cfg.dtype))
 
 
 def _progress(total: int, label: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="img", desc=label, leave=False, dynamic_ncols=True)
 
 
@@ -213,16 +218,24 @@ def run_training(data: Dataset, cfg: TrainConfig, fused: bool = True, progress: 
     n = len(trainer.y)
     for e in range(cfg.epochs):
         bar = _progress(n, f"epoch {e + 1}/{cfg.epochs}", progress)
-        trainer.epoch(bar)
-        h = trainer.history
-        _print(f"epoch {e + 1}/{cfg.epochs}  loss {h.epoch_loss[-1]:.4f}  test accuracy {h.test_accuracy[-1]:.4f}  "
-               f"{n / h.epoch_seconds[-1]:,.0f} samples/s", bar)
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    h = trainer.history
-    summary = {
+        try:
+            trainer.epoch(bar)
+            h = trainer.history
+            _print(f"epoch {e + 1}/{cfg.epochs}  loss {h.epoch_loss[-1]:.4f}  test accuracy {h.test_accuracy[-1]:.4f}  "
+                   f"{n / h.epoch_seconds[-1]:,.0f} samples/s", bar)
+        finally:  # also on Ctrl-C: the bar clears its line before the CLI says what was interrupted
+            if bar is not None:
+                bar.close()
+    summary = _summary(trainer, data, time.perf_counter() - t0, backend_for(cfg) if fused else "eager")
+    return trainer.model, summary
+
+
+def _summary(trainer: Trainer, data: Dataset, seconds: float, backend_name: str, **extra) -> dict:
+    """The JSON summary of one trained model (``--json``); ``seconds``: the whole run's."""
+    h, cfg, n = trainer.history, trainer.cfg, len(trainer.y)
+    return {
         "model": trainer.label,
+        **extra,
         "test_accuracy": h.test_accuracy[-1],
         "final_loss": h.epoch_loss[-1],
         "epochs": cfg.epochs,
@@ -230,13 +243,12 @@ def run_training(data: Dataset, cfg: TrainConfig, fused: bool = True, progress: 
         "train_seconds": sum(h.epoch_seconds),
         "samples_per_s": n * cfg.epochs / sum(h.epoch_seconds),
         "device": cfg.device,
-        "backend": backend_for(cfg) if fused else "eager",
+        "backend": backend_name,
         "data": data.source,
         "history": asdict(h),
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(cfg).items()},
-        **environment(),
+        **machine_info(),
     }
-    return trainer.model, summary
 
 
 def run_compare(data: Dataset, cfg: TrainConfig, progress: bool = True) -> dict:
@@ -250,9 +262,11 @@ def run_compare(data: Dataset, cfg: TrainConfig, progress: bool = True) -> dict:
     for e in range(cfg.epochs):
         for t in trainers:
             bar = _progress(n, f"{t.label} epoch {e + 1}", progress)
-            t.epoch(bar)
-            if bar is not None:
-                bar.close()
+            try:
+                t.epoch(bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         he, hf = trainers[0].history, trainers[1].history
         print(f"{e + 1:>5} | {he.epoch_loss[-1]:>10.4f} {he.test_accuracy[-1]:>6.4f} {he.epoch_seconds[-1]:>6.2f} | "
               f"{hf.epoch_loss[-1]:>10.4f} {hf.test_accuracy[-1]:>6.4f} {hf.epoch_seconds[-1]:>6.2f} | "
@@ -278,38 +292,8 @@ def run_compare(data: Dataset, cfg: TrainConfig, progress: bool = True) -> dict:
         "backend": backend_for(cfg),
         "data": data.source,
         "history": {"eager": asdict(he), "fused": asdict(hf)},
-        **environment(),
+        **machine_info(),
     }
-
-
-def environment() -> dict:
-    import numba
-    import numpy
-
-    return {
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "numba": numba.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-
-
-def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_state_dict(model: nn.Module, path: str) -> None:
@@ -322,13 +306,7 @@ def save_json(summary: dict, path: str) -> None:
 
 
 def save_plot(histories: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'fusedlinear[plot]'") from None
+    plt = pyplot("plot")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for h in histories:
         epochs = range(1, len(h["epoch_loss"]) + 1)
@@ -339,6 +317,52 @@ def save_plot(histories: list[dict], path: str) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+# ---- several processes: DistributedDataParallel over gloo (CPU) or nccl (CUDA) ----------------
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of --nproc {world} "
+                         f"(it is the global batch, split evenly over the processes)")
+
+
+def train_worker(rank: int, world: int, port: int | None, data: Dataset, cfg: TrainConfig, out_path=None):
+    """One rank of ``fusedlinear train --nproc``: DDP over the fused model (a :class:`Trainer` on
+    this rank's share of each global batch); returns rank 0's (summary, state_dict), and writes
+    them to ``out_path`` if given."""
+    if port is not None or not dist.is_initialized():
+        distributed.init(rank, world, cfg.device, port)
+    if cfg.device.startswith("cuda"):
+        cfg = dataclasses.replace(cfg, device=f"cuda:{rank % torch.cuda.device_count()}")
+        torch.cuda.set_device(cfg.device)
+    model = make_model(True, cfg.seed, cfg.device, cfg.dtype)
+    trainer = Trainer(nn.parallel.DistributedDataParallel(model), data, cfg, "fused-ddp", rank, world)
+    n, history = len(trainer.y), trainer.history
+    for epoch in range(cfg.epochs):
+        trainer.epoch()
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {history.epoch_loss[-1]:.4f}  "
+                  f"test accuracy {history.test_accuracy[-1]:.4f}  {n / history.epoch_seconds[-1]:,.0f} samples/s "
+                  f"({world} processes)", flush=True)
+    summary = state = None
+    if rank == 0:
+        summary = _summary(trainer, data, sum(history.epoch_seconds), backend_for(cfg), processes=world)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if out_path is not None:  # a file, not a queue: tensors in a queue die with their sender
+            torch.save((summary, state), out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+    return (summary, state) if rank == 0 else None
+
+
+def launch(world: int, data: Dataset, cfg: TrainConfig):
+    """Start ``world`` processes and return rank 0's (summary, state_dict)."""
+    check_batch(cfg.batch_size, world)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "rank0.pt")
+        mp.start_processes(train_worker, args=(world, distributed.free_port(), data, cfg, out_path),
+                           nprocs=world, join=True, start_method="spawn")
+        return torch.load(out_path, weights_only=False)  # written by our own rank 0, in our temp dir

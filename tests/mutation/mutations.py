@@ -78,6 +78,11 @@ MUTATIONS = [
          old="P[P_DZ] + r0 * N * item, N, False,", new="P[P_DZ] + r0 * item, N, False,",
          tests=[T_PARITY, "-k", "thread_counts"],
          bug="dX's row bands start at row r0 of dZ computed without its row length"),
+    dict(id="cpu-db-input-dtype", file="kernels/cpu.py",
+         old="acc = np.zeros(c1 - c0, np.float64)", new="acc = np.zeros_like(dz[0, c0:c1])",
+         tests=[T_PARITY, "-k", "db"],
+         bug="db summed in the input dtype, not float64 as documented: an identity layer with 10**6 float32 "
+             "rows of dA = 0.1 gives db = 100958.3 instead of 100000.0 (needs a test with M that large)"),
     # ---- kernels/tiling.py: CUDA launch shapes ----
     dict(id="tiling-gemm-grid-rows", file="kernels/tiling.py",
          old="-(-m // CUDA_TILE_M)", new="m // CUDA_TILE_M",
@@ -147,6 +152,14 @@ MUTATIONS = [
          new="key = (_forced or os.environ.get(ENV_VAR), x.device.type)",
          tests=[T_PARITY, "-k", "half_precision"],
          bug="the dispatch cache ignores the dtype: after a float32 call, bfloat16 goes to the float kernels"),
+    # ---- backend/cpu_runtime.py: process state the CPU kernels depend on ----
+    dict(id="fork-hook-removed", file="backend/cpu_runtime.py",
+         old="os.register_at_fork(before=FORK.before, after_in_child=FORK.after_in_child)",
+         new="pass  # the at-fork hook removed",
+         tests=["tests/test_reliability.py", "-k", "fork"],
+         bug="no at-fork hook: a forked child that calls the very tensors the parent ran on the parallel path "
+             "reuses the parent's cached plan (FORK.check() in plan building never runs) and hangs in "
+             "GOMP_parallel (the test must bound the child with a timeout, so the hang fails, not times out)"),
     # ---- torch_ext/ops.py: saved tensors, masks, chains ----
     dict(id="fn-saves-a", file="torch_ext/ops.py",
          old="ctx.save_for_backward(input, weight, bias, _kept(activation, a, z))",
