@@ -166,3 +166,25 @@ def test_sources_use_public_torch_api_only():
                 if PRIVATE.search(code):
                     found.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
     assert found == [], "\n".join(found)
+
+
+def test_public_functions_keep_their_api():
+    """FusedLinearFunction.apply -> (A, Z-or-empty); FusedChainFunction.apply -> h_L alone (its node
+    returns the intermediates too, for setup_context), one FusedChainFunctionBackward node, eager
+    and under torch.func.grad alike."""
+    from fusedlinear import FusedLinearFunction
+    from fusedlinear.torch_ext import FusedChainFunction
+
+    w2 = torch.randn(2, 5, dtype=torch.float64)
+    a, z = FusedLinearFunction.apply(X, W, B, "gelu", 0.01)
+    torch.testing.assert_close(a, torch.nn.functional.gelu(X @ W.T + B))
+    torch.testing.assert_close(z, X @ W.T + B)  # gelu keeps Z
+    spec = (("gelu", 0.01, True), ("tanh", 0.01, False))
+    w = W.clone().requires_grad_()
+    out = FusedChainFunction.apply(X, spec, w, B, w2)
+    want = fusedlinear.fused_chain(X, [(W, B, "gelu", 0.01), (w2, None, "tanh", 0.01)])
+    assert isinstance(out, torch.Tensor) and type(out.grad_fn).__name__ == "FusedChainFunctionBackward"
+    torch.testing.assert_close(out, want)
+    grad = torch.func.grad(lambda w: FusedChainFunction.apply(X, spec, w, B, w2).sum())(W)
+    want_grad = torch.func.grad(lambda w: torch.tanh(torch.nn.functional.gelu(X @ w.T + B) @ w2.T).sum())(W)
+    torch.testing.assert_close(grad, want_grad)

@@ -222,7 +222,8 @@ class FusedLinearFunction(torch.autograd.Function):
 
 
 # Function.apply binds its arguments to forward's signature on every call (setup_context style);
-# inspect.signature() takes a function's __signature__ as it is: ~10 us less per call (2-core Xeon).
+# inspect.signature() takes a function's __signature__ as it is: 25 -> 16 us per apply of a
+# trivial Function (torch 2.13, 2-core Xeon, loaded box: best of 5 x 5000 calls).
 FusedLinearFunction.forward.__signature__ = inspect.signature(FusedLinearFunction.forward)
 
 
@@ -553,6 +554,8 @@ class _Chain(torch.autograd.Function):
         return (t, *[None] * (ctx.outputs - 1))
 
 
+
+_Chain.forward.__signature__ = inspect.signature(_Chain.forward)  # as FusedLinearFunction's
 
 # The node itself, named so that its grad_fn is FusedChainFunctionBackward. Not FusedChainFunction
 # below: torch.func calls a node's own ``apply`` inside its transforms and needs all its outputs.
