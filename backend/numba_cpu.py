@@ -227,13 +227,15 @@ def _whole(mkl: bool, m: int, parallel: bool) -> bool:
 # ---- the BLAS and tile layout, chosen by measurement ------------------------------------------
 # On a call signature's first plan, each candidate ("library/layout": the BLAS libraries found,
 # tiles of column blocks or of row bands) runs the real call on the real operands into scratch
-# outputs, TUNE_REPS times after one warm-up, and the fastest median wins. Winners are kept per
-# shape class (dtype, forward or which gradients, rows rounded up to a power of two, N, K,
-# threads) in a file in the kernel cache named after the machine (``machine_key``: CPU model,
-# vector width, library versions, kernel sources), so a new CPU or library version tunes again.
+# outputs, TUNE_REPS times after one warm-up, taking turns; the fastest single run wins (other
+# processes' load only adds time). Winners are kept per shape class (dtype, forward or which
+# gradients, rows rounded up to a power of two, N, K, threads) in a file in the kernel cache
+# named after the machine (``machine_key``: CPU model, vector width, library versions, kernel
+# sources), so a new CPU or library version tunes again.
 # Bounded: at most TUNE_BUDGET_S of timing per process (then the table's choice, not recorded),
 # and a call whose single run exceeds TUNE_MAX_RUN_S is not timed further (table's choice,
 # recorded). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces the library (its layout by the table).
+# Measured on a busy machine, a choice can be wrong: delete the tuning_*.json file to measure again.
 TUNE_REPS = 5
 TUNE_BUDGET_S = 3.0
 TUNE_MAX_RUN_S = 0.05
@@ -335,8 +337,8 @@ def _announce_tuning() -> None:
 
 
 def _time_plans(plans: dict, x, w, mask) -> dict | None:
-    """Median seconds of each plan on x and w into scratch outputs, the plans taking turns (so a
-    slow moment of a shared machine hits all alike); None when one run is too slow to tune."""
+    """The fastest of TUNE_REPS runs of each plan on x and w into scratch outputs, the plans taking
+    turns (so a slow moment of a shared machine hits all alike); None when one run is too slow."""
     (m, k), n = x.shape, w.shape[0]
     xk = matrix_operand(x)[0]
     runs = {}
@@ -360,7 +362,7 @@ def _time_plans(plans: dict, x, w, mask) -> dict | None:
                 return None
             if rep:
                 samples[name].append(elapsed)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+    return {name: min(s) for name, s in samples.items()}  # other load only ever adds time
 
 
 def _record(key: str, choice: str) -> None:

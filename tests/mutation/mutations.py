@@ -67,7 +67,7 @@ MUTATIONS = [
          tests=[T_PARITY, "-k", "non_contiguous or thread_counts"],
          bug="dW's GEMM reads X with leading dimension K: wrong for padded or transposed X"),
     dict(id="cpu-last-row-band", file="kernels/cpu.py",
-         old="for t in range(tid, ((M + tm - 1) // tm) * tiles_n, nth):", new="for t in range(tid, (M // tm) * tiles_n, nth):",
+         old="t, tiles = tid - nth, ((M + tm - 1) // tm) * tiles_n", new="t, tiles = tid - nth, (M // tm) * tiles_n",
          tests=[T_PARITY, "-k", "thread_counts"],
          bug="forward drops the last, shorter band of rows (M not a multiple of the band)"),
     dict(id="cpu-batch1-strided-x", file="kernels/cpu.py",
