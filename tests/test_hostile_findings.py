@@ -1,0 +1,202 @@
+"""Failures a hostile user found in the merged work (session of 2026-12-05), each a strict xfail:
+the coordinator fixes the code and removes the mark. Every test compares with plain PyTorch (or
+with what the docs promise) and fails today."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedlinear
+
+
+# ---- 1. wrong value: fuse(example_inputs=...) reads only the model's current mode ------------
+
+
+class _ModeDependent(nn.Module):
+    """fx cannot trace it (a branch on x.dim()), Dynamo can; its activation runs only in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.dim() > 5:
+            x = x * 2
+        h = self.fc(x)
+        return self.out(h if self.training else self.act(h))
+
+
+@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/capture.py captures one call in the model's current mode "
+                   "only; the fx path reads both modes. Fused in eval, the model is wrong after .train()")
+def test_dynamo_capture_fused_in_eval_stays_exact_in_train():
+    torch.manual_seed(0)
+    model = _ModeDependent().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fused = fusedlinear.fuse(model, example_inputs=(x,))
+    model.train(), fused.train()
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.shape[0] > 3:
+            return self.out(self.act(self.fc(x)))
+        return self.out(self.fc(x))  # the same Linear, no activation
+
+
+@pytest.mark.xfail(strict=True, reason="documented limitation made silent: capture.py fuses a Linear whose other "
+                   "call (a branch the example call did not take) has no activation; fuse()'s doc promises the "
+                   "model's outputs. Refuse, or guard the fused layer, rather than give other values")
+def test_dynamo_capture_branch_not_taken_keeps_values():
+    torch.manual_seed(0)
+    model = _ShapeBranch().double()
+    fused = fusedlinear.fuse(model, example_inputs=(torch.ones(5, 4, dtype=torch.float64),))
+    x = -torch.ones(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+# ---- 2. wrong value: the recogniser probes only 1-D and 2-D tensors ----------------------------
+
+
+class _DimDependent(nn.Module):
+    def forward(self, x):
+        return F.gelu(x) if x.dim() < 3 else F.relu(x)
+
+
+@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/recognise.py _probe calls the module on 1-D/2-D grids only; "
+                   "a module that computes something else on the (B, T, C) tensors a transformer feeds it is "
+                   "taken for gelu and the fused model gives other values")
+def test_recogniser_does_not_accept_a_rank_dependent_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _DimDependent(), nn.Linear(16, 4)).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    fused = fusedlinear.fuse(model)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+# ---- 3. wrong value: the torch backend's quick_gelu g' overflows in float32 ------------------
+
+
+@pytest.mark.xfail(strict=True, reason="kernels/activations.py quick_gelu backward '1.702 * z * sigmoid * (1 - sigmoid)' "
+                   "is inf * 0 = NaN at float32 z = 3.4e38 in backend/reference.py (the torch backend: create_graph, "
+                   "vmap, bf16, empty); autograd of z*sigmoid(1.702 z) gives 1, as the Numba kernel does")
+def test_torch_backend_quick_gelu_grad_at_float32_max():
+    z = torch.tensor([[3.4e38]], dtype=torch.float32)
+    x = z.clone().requires_grad_()
+    w = torch.ones(1, 1)
+    with fusedlinear.use_backend("torch"):
+        fusedlinear.fused_linear(x, w, None, "quick_gelu").sum().backward()
+    xr = z.clone().requires_grad_()
+    (xr * torch.sigmoid(1.702 * xr)).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+# ---- 4. crash: meta tensors ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="torch_ext/ops.py _prepare calls torch.is_autocast_enabled('meta'), which "
+                   "raises 'unknown device type for autocast'; F.linear and the op's fake impl take meta tensors")
+def test_fused_linear_on_meta_tensors():
+    x, w = torch.randn(2, 4, device="meta"), torch.randn(5, 4, device="meta")
+    assert fusedlinear.fused_linear(x, w, None, "relu").shape == F.linear(x, w).shape
+    layer = fusedlinear.FusedLinearMish(4, 5, device="meta")
+    assert layer(x).shape == (2, 5)
+
+
+# ---- 5. destructive: the CLI's atomic writes replace links, devices and modes -----------------
+
+
+@pytest.mark.xfail(strict=True, reason="src/fusedlinear/report.py atomic_write os.replace()s the path itself: a "
+                   "symlink (or /dev/stdout, a FIFO, a device: 'train --json /dev/full' replaced the device node "
+                   "as root and said 'wrote') is replaced by a regular file and its target never written")
+def test_save_json_through_a_symlink_writes_the_target(tmp_path):
+    from fusedlinear.train import save_json
+
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    save_json({"a": 1}, str(link))
+    assert link.is_symlink(), "the symlink was replaced by a regular file"
+    assert '"a": 1' in target.read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="report.py atomic_write uses mkstemp (mode 0600): --save/--json/--plot "
+                   "files are unreadable to group/others, unlike torch.save/open() under the umask")
+def test_saved_files_follow_the_umask(tmp_path):
+    from fusedlinear.train import save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json({"a": 1}, str(tmp_path / "s.json"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s.json").st_mode) == 0o644
+
+
+# ---- 6. crash (SIGILL elsewhere): native kernels are built for this CPU, keyed by no CPU ------
+
+
+def _avx512_host() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (_avx512_host() and shutil.which("objdump") and shutil.which("cc")),
+                    reason="needs an AVX-512 host, objdump and a C compiler")
+@pytest.mark.xfail(strict=True, reason="kernels/cpu.py _build_native targets ll.get_host_cpu_name()/features and "
+                   "ignores NUMBA_CPU_NAME=generic (Numba's documented way to make a portable cache); the cache key "
+                   "(cpu_cache.kernel_name) has no CPU, so a cache shared with an AVX2-only machine loads AVX-512 "
+                   "code with ctypes: SIGILL")
+def test_native_kernels_respect_numba_cpu_name(tmp_path):
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "from fusedlinear import backend\n"
+            "backend.prepare_cpu_kernels(['relu'], 'float64')\n")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    objects = list((tmp_path / "fusedlinear-cpu").glob("*.so"))
+    assert objects, "no native kernel was built"
+    for so in objects:
+        text = subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+        assert "zmm" not in text and "%k1" not in text, f"{so.name} holds AVX-512 instructions"
+
+
+# ---- 7. wrong value: an activation module swapped for an identity is also called elsewhere ----
+
+
+class _ActUsedByAnotherMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+    def extra(self, x):  # a public method forward does not call
+        return self.act(x)
+
+
+@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/plan.py swaps self.act for FusedActivation (identity) once "
+                   "every call fx saw in forward is fused; calls from other methods (not traced) then get the "
+                   "identity. Rewriting forward (as for a shared activation) keeps self.act whole")
+def test_activation_module_called_from_another_method_keeps_values():
+    torch.manual_seed(0)
+    model = _ActUsedByAnotherMethod().double()
+    fused = fusedlinear.fuse(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-12, rtol=1e-12)
