@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -70,8 +71,9 @@ def targets(backends=None, dtypes=None) -> tuple[list[tuple[str, str, torch.dtyp
     return found, skipped
 
 
-def run(found, quick=False, activations=None) -> list[dict]:
-    """Every check of the (backend, device, dtype) triples ``found`` (see :func:`targets`), as table rows (dicts)."""
+def run(found, quick=False, activations=None, on_row=None) -> list[dict]:
+    """Every check of the (backend, device, dtype) triples ``found`` (see :func:`targets`), as table rows
+    (dicts); ``on_row(row)`` is called as each row completes."""
     check_table()
     rows = []
     for seed, (name, device, dtype) in enumerate(found):
@@ -89,6 +91,8 @@ def run(found, quick=False, activations=None) -> list[dict]:
                 except Exception as exc:  # a backend that raises is a failed row, reported in the table
                     row.update(error=math.inf, ok=False, note=f"{type(exc).__name__}: {exc}")
                     rows.append(row)
+                    if on_row:
+                        on_row(row)
                     continue
                 bad = [(n, r) for n, r in results.items() if not r[1]]
                 row["error"] = max(r[0] for r in results.values())
@@ -97,6 +101,8 @@ def run(found, quick=False, activations=None) -> list[dict]:
                 elif min(spy.calls.values()) == 0:
                     row.update(ok=False, note=f"backend {name!r} did not run ({spy.calls}): a silent fallback")
                 rows.append(row)
+                if on_row:
+                    on_row(row)
     return rows
 
 
@@ -127,6 +133,8 @@ def add_parser(sub) -> None:
                                    "torch: float64, float32, float16, bfloat16)")
     p.add_argument("--quick", action="store_true", help="fewer shapes (5 instead of 10, each with and without bias)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--progress", action="store_true",
+                   help="also print each row to stderr as it completes (a run cut short keeps them)")
     p.set_defaults(func=cmd_parity)
 
 
@@ -145,7 +153,9 @@ def cmd_parity(args) -> int:
     for line in skipped:
         print(f"parity: {line}")
     start = time.perf_counter()
-    rows = run(found, args.quick)
+    progress = (lambda row: print("row: " + format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                ) if args.progress else None
+    rows = run(found, args.quick, on_row=progress)
     print(format_table(rows))
     bad = sum(not r["ok"] for r in rows)
     print(f"{len(rows)} checks, {bad} mismatches, {time.perf_counter() - start:.1f} s")
