@@ -41,7 +41,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "fl_activations.cuh")
 # The two modules: element-wise kernels (both engines) and the own engine's GEMMs.
 SOURCES = {"elementwise": os.path.join(HERE, "fl_elementwise.cu"), "gemm": os.path.join(HERE, "fused_linear.cu")}
-SOURCE = SOURCES["gemm"]
 
 # dtype name -> kernel-name tag; the element-wise kernels take every float dtype, the own GEMM two.
 TAGS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
