@@ -74,9 +74,6 @@ class _DimDependent(nn.Module):
         return F.gelu(x) if x.dim() < 3 else F.relu(x)
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/recognise.py _probe calls the module on 1-D/2-D grids only; "
-                   "a module that computes something else on the (B, T, C) tensors a transformer feeds it is "
-                   "taken for gelu and the fused model gives other values")
 def test_recogniser_does_not_accept_a_rank_dependent_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), _DimDependent(), nn.Linear(16, 4)).double()
@@ -200,3 +197,16 @@ def test_activation_module_called_from_another_method_keeps_values():
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-12, rtol=1e-12)
+
+
+class _NumelDependent(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if x.numel() > 1000 else torch.tanh(x)
+
+
+def test_recogniser_does_not_accept_a_numel_dependent_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _NumelDependent(), nn.Linear(16, 4)).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    fused = fusedlinear.fuse(model)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
