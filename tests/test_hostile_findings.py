@@ -33,8 +33,6 @@ class _ModeDependent(nn.Module):
         return self.out(h if self.training else self.act(h))
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/capture.py captures one call in the model's current mode "
-                   "only; the fx path reads both modes. Fused in eval, the model is wrong after .train()")
 def test_dynamo_capture_fused_in_eval_stays_exact_in_train():
     torch.manual_seed(0)
     model = _ModeDependent().double().eval()
@@ -55,9 +53,6 @@ class _ShapeBranch(nn.Module):
         return self.out(self.fc(x))  # the same Linear, no activation
 
 
-@pytest.mark.xfail(strict=True, reason="documented limitation made silent: capture.py fuses a Linear whose other "
-                   "call (a branch the example call did not take) has no activation; fuse()'s doc promises the "
-                   "model's outputs. Refuse, or guard the fused layer, rather than give other values")
 def test_dynamo_capture_branch_not_taken_keeps_values():
     torch.manual_seed(0)
     model = _ShapeBranch().double()
@@ -187,9 +182,6 @@ class _ActUsedByAnotherMethod(nn.Module):
         return self.act(x)
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/plan.py swaps self.act for FusedActivation (identity) once "
-                   "every call fx saw in forward is fused; calls from other methods (not traced) then get the "
-                   "identity. Rewriting forward (as for a shared activation) keeps self.act whole")
 def test_activation_module_called_from_another_method_keeps_values():
     torch.manual_seed(0)
     model = _ActUsedByAnotherMethod().double()
@@ -210,3 +202,36 @@ def test_recogniser_does_not_accept_a_numel_dependent_module():
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     fused = fusedlinear.fuse(model)
     torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+# ---- fuse's TorchDynamo path: errors in the example call, a forward whose first parameter is not `self`
+
+
+class _Straight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(me, x, *rest):  # noqa: N805 - the first parameter need not be called self
+        if x.dim() > 5:
+            x = x * 2
+        h = me.fc(x)
+        h = me.act(h)
+        return me.out(h)
+
+
+def test_dynamo_capture_fuses_a_straight_call_whatever_self_is_called():
+    torch.manual_seed(0)
+    model = _Straight().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fused, report = fusedlinear.fuse(model, report=True, example_inputs=(x,))
+    assert [(p.linear, p.activation) for p in report.fused] == [("fc", "gelu")], str(report)
+    for mode in (True, False):
+        model.train(mode), fused.train(mode)
+        torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_dynamo_capture_says_when_the_example_call_fails():
+    model = _Straight().double()
+    with pytest.raises(ValueError, match="calling the model on example_inputs raised RuntimeError"):
+        fusedlinear.fuse(model, example_inputs=(torch.randn(5, 3, dtype=torch.float64),))

@@ -19,7 +19,10 @@ report says the pair was read from the example call.
 
 from __future__ import annotations
 
+import dis
+import inspect
 import random
+import types
 import re
 
 import torch
@@ -29,8 +32,9 @@ _LINEAR_OPS = {torch.nn.functional.linear}  # what nn.Linear.forward calls; Dyna
 
 
 def _module_path(source: str) -> str:
-    """``L['self'].encoder.layers[0].fc1`` (Dynamo's source name) -> ``encoder.layers.0.fc1``."""
-    path = re.sub(r"^L\['self'\]\.?|^L\[\"self\"\]\.?", "", source)
+    """``L['self'].encoder.layers[0].fc1`` (Dynamo's source name; the root is the forward's first
+    parameter, whatever its name) -> ``encoder.layers.0.fc1``."""
+    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", source)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".")
@@ -52,17 +56,35 @@ def graphs(model: nn.Module, example_inputs) -> list:
         return gm.forward
 
     rng, torch_rng = random.getstate(), torch.random.get_rng_state()
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # batch norm's running stats in train mode
     # Each capture adds a cache entry to the model's forwards; past Dynamo's recompile limit it would
     # run them eagerly and show no graph, so start from an empty cache (and leave none behind).
     torch.compiler.reset()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=keep, dynamic=False)(*args, **kwargs)
+            try:  # eagerly first: the model's own error, not Dynamo's rewording of it
+                model(*args, **kwargs)
+            except Exception as error:
+                raise ValueError(f"fuse: calling the model on example_inputs raised {_first_line(error)}; pass "
+                                 f"example_inputs the model accepts (a dict of keyword arguments, a tuple of "
+                                 f"positional ones, or one tensor)") from error
+            try:
+                torch.compile(model, backend=keep, dynamic=False)(*args, **kwargs)
+            except Exception as error:
+                raise ValueError(f"fuse: TorchDynamo could not capture the call of the model on example_inputs: "
+                                 f"{_first_line(error)}; fuse without example_inputs") from error
     finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
         torch.compiler.reset()
         random.setstate(rng)
         torch.random.set_rng_state(torch_rng)
     return [gm.graph for gm in captured]
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _stack(node, model):
@@ -78,8 +100,33 @@ def _stack(node, model):
 
 def pairs(model: nn.Module, example_inputs, wanted, recognise):
     """``({id(linear): (spec, activation module)}, {id(linear): reason})`` for the Linear layers in
-    ``wanted``: the pairs the captured graphs show (see the module doc) and why each other was left.
+    ``wanted``: the pairs the captures in train and in eval mode both show, whose call sites the
+    caller's code shows to hold on every call (see the module doc), and why each other was left.
     ``recognise(module)`` gives the spec or raises with the reason."""
+    was = [(m, m.training) for m in model.modules()]
+    by_mode = []
+    try:
+        for training in (True, False):
+            model.train(training)
+            by_mode.append(_pairs_one_mode(model, example_inputs, wanted, recognise))
+    finally:
+        for m, training in was:
+            m.training = training
+    (found, reasons), (found_eval, reasons_eval) = by_mode
+    for linear_id in list(found):
+        if found_eval.get(linear_id) != found[linear_id]:
+            why = reasons_eval.get(linear_id, "called before another activation")
+            reasons[linear_id] = f"{why} (in eval mode; a pair must hold in both modes)"
+            del found[linear_id]
+            continue
+        why = _fixed_call_site(model, next(m for m in wanted if id(m) == linear_id), found[linear_id][1])
+        if why is not None:
+            reasons[linear_id] = why
+            del found[linear_id]
+    return found, reasons
+
+
+def _pairs_one_mode(model: nn.Module, example_inputs, wanted, recognise):
     wanted = {id(m): m for m in wanted}
     found, reasons = {}, {}
     calls, paired = {}, {}  # id(activation module) -> how many calls of it the capture has; how many are pairs
@@ -174,3 +221,77 @@ def _pair(node, linear, stacks, recognise):
     if len(escaping) != 1:
         return f"the call of {type(act).__name__} after it has {len(escaping)} outputs"
     return spec, act
+
+
+def _fixed_call_site(model: nn.Module, linear: nn.Module, act: nn.Module) -> str | None:
+    """None where the caller's code calls ``linear`` and then ``act`` on its output at one place, on
+    every call: a capture reads one path through the code, and the fused layer (``linear`` followed
+    by ``act``, ``act`` an identity) is exact only if no other path calls either of them. Else why.
+
+    What is checked, on the bytecode of the class of the module holding both: it holds each once, as
+    ``self.<name>``, and no other module holds them; ``self.<name>`` of each is loaded once in all the
+    class's code, in ``forward``; ``forward`` passes ``self`` to nothing (so no helper can reach
+    them); and from the first of the two loads to the end of the activation's call the code runs
+    straight (no jump, no jump target, no call but these two)."""
+    holders = [m for m in model.modules() if any(c is linear or c is act for c in m._modules.values())]
+    caller = holders[0] if len(holders) == 1 else None
+    names = [n for n, c in caller._modules.items() if c is linear or c is act] if caller is not None else []
+    if caller is None or len(names) != 2:
+        return ("it or its activation is held by more than one module or under "
+                "more than one name, so calls the example call did not make cannot be ruled out")
+    lin_name, act_name = (names if caller._modules[names[0]] is linear else names[::-1])
+    refuse = (f"{type(caller).__name__}'s code is not one straight call "
+              f"self.{act_name}(self.{lin_name}(...)) on every path")
+    forward = inspect.unwrap(type(caller).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_argcount < 1:
+        return refuse
+    loads = {}  # name -> [(code, index)]
+    for fn_code in _class_code(type(caller)):
+        for i, ins in enumerate(dis.get_instructions(fn_code)):
+            if ins.argval in (lin_name, act_name) and (ins.opname.startswith("LOAD_") or ins.opname == "LOAD_CONST"):
+                loads.setdefault(ins.argval, []).append((fn_code, i))
+    if any(len(loads.get(n, ())) != 1 or loads[n][0][0] is not code for n in (lin_name, act_name)):
+        return refuse + " (each loaded once, in forward)"
+    ins = list(dis.get_instructions(code))
+    me = code.co_varnames[0]
+    for i, x in enumerate(ins):  # self only ever has attributes read from it
+        if x.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") and x.argval == me and not (
+                i + 1 < len(ins) and ins[i + 1].opname in ("LOAD_ATTR", "LOAD_METHOD")):
+            return refuse + f" ({me} is passed on)"
+    if me in code.co_cellvars:
+        return refuse + f" ({me} is used by a nested function)"
+    start, at_act = min(loads[lin_name][0][1], loads[act_name][0][1]), loads[act_name][0][1]
+    depth, end = 1, None  # the activation's callable, then its arguments, until one value is left
+    for i in range(at_act, len(ins)):
+        depth += dis.stack_effect(ins[i].opcode, ins[i].arg if ins[i].opcode >= dis.HAVE_ARGUMENT else None,
+                                  jump=False)
+        if depth <= 1 and i > at_act:
+            end = i
+            break
+    if end is None:
+        return refuse
+    region = ins[start:end + 1]
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    if (any(x.opcode in jumps or (x.is_jump_target and k) for k, x in enumerate(region))
+            or sum(x.opname.startswith("CALL") for x in region) != 2):
+        return refuse
+    return None
+
+
+def _class_code(cls: type) -> list:
+    """The code objects of ``cls``'s own methods (its bases outside torch included), nested ones too."""
+    found = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for value in vars(klass).values():
+            for fn in (value, getattr(value, "__func__", None), getattr(value, "fget", None),
+                       getattr(value, "fset", None)):
+                fn = inspect.unwrap(fn) if callable(fn) else None
+                todo = [fn.__code__] if hasattr(fn, "__code__") else []
+                while todo:
+                    c = todo.pop()
+                    found.append(c)
+                    todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return found

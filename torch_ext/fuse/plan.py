@@ -201,7 +201,10 @@ def _settle(tree: _Tree, graphs, calls, pairs, chosen, reasons, refused):
             act = p.act_module
             if act is None:
                 continue
+            # Only nn.Sequential's forward is known to be all its code: a module of the user's class may
+            # call its activation from another method too, which must still see the activation.
             if (all(n in fused_calls for n in calls.get(id(act), []))
+                    and all(type(c) is nn.Sequential for c in tree.callers(act))
                     and all(id(c) in graphs for c in tree.callers(act))
                     and all(n.graph in _owned(graphs[id(p.caller)]) for n in calls.get(id(act), []))):
                 swappable.add(id(act))
