@@ -2,8 +2,9 @@
 torch.fx cannot trace (Hugging Face's ``**kwargs: Unpack[...]`` passed on, ``@deprecate_kwarg``
 wrappers, branches on tensor attributes: OPT, BART, Whisper decoder layers, ...).
 
-``torch.compile`` with a backend that only keeps the graph runs the model once on the user's
-``example_inputs`` (under ``no_grad``; random states put back). Dynamo inlines every module, so
+``torch.compile`` with a backend that only keeps the graph runs the model on the user's
+``example_inputs`` once in train and once in eval mode (under ``no_grad``; random states and
+buffers put back), after one eager call that says whether the inputs suit the model. Dynamo inlines every module, so
 each op of the graph carries ``nn_module_stack``: the modules whose forward it ran in. A pair is
 an ``F.linear`` node run by an ``nn.Linear`` ``M`` whose one user belongs to the call of another
 module ``A``, and that call of ``A`` (its ops, connected) reads nothing traced but that node:
@@ -11,10 +12,11 @@ module ``A``, and that call of ``A`` (its ops, connected) reads nothing traced b
 table (:mod:`fusedlinear.torch_ext.recognise`), every call of ``M`` in the capture must be such a
 pair with the same ``A``, and every call of ``A`` such a pair with a fused Linear.
 
-The forward that calls them is not changed: ``M`` becomes the fused layer and ``A`` a
-:class:`FusedActivation` (identity), so only modules change, never code. What the capture
-cannot see it cannot vouch for: a branch the example call does not take is not read, so the
-report says the pair was read from the example call.
+A pair must show in both modes' captures. The forward that calls them is not changed: ``M``
+becomes the fused layer and ``A`` a :class:`FusedActivation` (identity), so only modules change,
+never code. What the capture cannot see it cannot vouch for (a branch the example call does not
+take, another method calling ``A``), so each pair is also checked on the caller's bytecode
+(:func:`_fixed_call_site`): one straight ``self.A(self.M(...))`` that every call of either runs.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_
     A Linear called from a forward that torch.fx cannot trace (Hugging Face's OPT, BART, Whisper
     layers, ...) is read with TorchDynamo instead when ``example_inputs`` is given (a dict of
     keyword arguments, a tuple of positional ones, or one tensor for one call of ``model``): its
-    pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.fuse.capture`).
+    pair is fused where the activation is a module, the pair shows in train and in eval mode and the
+    caller's code calls them at one straight site (see :mod:`fusedlinear.torch_ext.fuse.capture`);
+    inputs the model raises on raise ``ValueError`` ("calling the model on example_inputs raised ...").
     That capture calls ``torch.compiler.reset()`` before and after (Dynamo's per-function limit on
     cached graphs would otherwise end the capture after a few fuse calls): functions compiled
     elsewhere in the process compile again on their next call.
