@@ -115,6 +115,8 @@ def pairs(model: nn.Module, example_inputs, wanted, recognise):
         for m, training in was:
             m.training = training
     (found, reasons), (found_eval, reasons_eval) = by_mode
+    for linear_id in found_eval.keys() - found.keys():
+        reasons[linear_id] += " (in train mode; a pair must hold in both modes)"
     for linear_id in list(found):
         if found_eval.get(linear_id) != found[linear_id]:
             why = reasons_eval.get(linear_id, "called before another activation")
@@ -234,7 +236,7 @@ def _fixed_call_site(model: nn.Module, linear: nn.Module, act: nn.Module) -> str
     ``self.<name>``, and no other module holds them; ``self.<name>`` of each is loaded once in all the
     class's code, in ``forward``; ``forward`` passes ``self`` to nothing (so no helper can reach
     them); and from the first of the two loads to the end of the activation's call the code runs
-    straight (no jump, no jump target, no call but these two)."""
+    straight (no jump, no jump target, and no call between the Linear's and the activation's)."""
     holders = [m for m in model.modules() if any(c is linear or c is act for c in m._modules.values())]
     caller = holders[0] if len(holders) == 1 else None
     names = [n for n, c in caller._modules.items() if c is linear or c is act] if caller is not None else []
@@ -263,21 +265,27 @@ def _fixed_call_site(model: nn.Module, linear: nn.Module, act: nn.Module) -> str
             return refuse + f" ({me} is passed on)"
     if me in code.co_cellvars:
         return refuse + f" ({me} is used by a nested function)"
-    start, at_act = min(loads[lin_name][0][1], loads[act_name][0][1]), loads[act_name][0][1]
-    depth, end = 1, None  # the activation's callable, then its arguments, until one value is left
-    for i in range(at_act, len(ins)):
-        depth += dis.stack_effect(ins[i].opcode, ins[i].arg if ins[i].opcode >= dis.HAVE_ARGUMENT else None,
-                                  jump=False)
-        if depth <= 1 and i > at_act:
-            end = i
-            break
-    if end is None:
+    at_lin, at_act = loads[lin_name][0][1], loads[act_name][0][1]
+    lin_end, act_end = _call_end(ins, at_lin), _call_end(ins, at_act)
+    if lin_end is None or act_end is None or not lin_end < act_end:
         return refuse
-    region = ins[start:end + 1]
+    region = ins[min(at_lin, at_act):act_end + 1]
     jumps = set(dis.hasjrel) | set(dis.hasjabs)
     if (any(x.opcode in jumps or (x.is_jump_target and k) for k, x in enumerate(region))
-            or sum(x.opname.startswith("CALL") for x in region) != 2):
-        return refuse
+            or sum(x.opname.startswith("CALL") for x in ins[lin_end + 1:act_end + 1]) != 1):
+        return refuse  # a branch, or a call between the two that could change the value on another input
+    return None
+
+
+def _call_end(ins: list, at: int):
+    """The index of the instruction that ends the call of the attribute loaded at ``at``: its callable,
+    then its arguments, until one value is left where the object was."""
+    depth = 1
+    for i in range(at, len(ins)):
+        depth += dis.stack_effect(ins[i].opcode, ins[i].arg if ins[i].opcode >= dis.HAVE_ARGUMENT else None,
+                                  jump=False)
+        if depth <= 1 and i > at:
+            return i
     return None
 
 
