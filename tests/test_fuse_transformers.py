@@ -88,7 +88,8 @@ MODELS = {
     "gpt-neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**SMALL)),
                  lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
     "distilbert": (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
-        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=64)), lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
+        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=64)), lambda: dict(input_ids=_ids(2, 5)),
+        {}),  # FFN.ff_chunk, a method of its own, calls lin1: a direct call of it would see the fused layer
 }
 
 
@@ -109,6 +110,8 @@ def test_fuses_hugging_face_model_exactly(name):
     for pair in report.fused:
         counts[pair.activation] = counts.get(pair.activation, 0) + 1
     assert counts == want, str(report)
+    if name == "distilbert":
+        assert "FFN.ff_chunk also uses self.lin1" in dict(report.left_alone)["transformer.layer.0.ffn.lin1"]
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert len(report.fused) + len(report.left_alone) == linears, "every nn.Linear is fused or explained"
     assert all(reason for _, reason in report.left_alone)

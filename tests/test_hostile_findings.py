@@ -235,3 +235,29 @@ def test_dynamo_capture_says_when_the_example_call_fails():
     model = _Straight().double()
     with pytest.raises(ValueError, match="calling the model on example_inputs raised RuntimeError"):
         fusedlinear.fuse(model, example_inputs=(torch.randn(5, 3, dtype=torch.float64),))
+
+
+class _LinearUsedByAnotherMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+        nn.init.zeros_(self.fc.bias)  # __init__ runs before fuse: fine
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+    def extra(self, x):  # would get the fused layer's activation too
+        return self.fc(x)
+
+    def width(self):  # reading an attribute is fine
+        return self.fc.out_features
+
+
+def test_linear_called_from_another_method_is_left_alone():
+    torch.manual_seed(0)
+    model = _LinearUsedByAnotherMethod().double()
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert "extra also uses self.fc" in dict(report.left_alone)["fc"], str(report)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-12, rtol=1e-12)

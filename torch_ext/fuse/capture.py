@@ -299,9 +299,35 @@ def _class_code(cls: type) -> list:
             for fn in (value, getattr(value, "__func__", None), getattr(value, "fget", None),
                        getattr(value, "fset", None)):
                 fn = inspect.unwrap(fn) if callable(fn) else None
-                todo = [fn.__code__] if hasattr(fn, "__code__") else []
-                while todo:
-                    c = todo.pop()
-                    found.append(c)
-                    todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+                found += _nested(fn.__code__) if hasattr(fn, "__code__") else []
+    return found
+
+
+def used_outside_forward(holder: nn.Module, module: nn.Module) -> str | None:
+    """Why ``module`` (a child of ``holder``) may be called by code fuse did not read: a method of
+    ``holder``'s class other than ``forward`` and ``__init__`` uses ``self.<its name>`` as a value
+    (calls it, passes it on; reading its attributes is fine), where a fused layer or an identity
+    would give other values. None when no method does."""
+    names = {n for n, c in holder._modules.items() if c is module}
+    forward = inspect.unwrap(type(holder).forward)
+    mine = _nested(forward.__code__) if hasattr(forward, "__code__") else []
+    for code in _class_code(type(holder)):
+        if code.co_name == "__init__" or any(code is c for c in mine):
+            continue
+        ins = list(dis.get_instructions(code))
+        for i, x in enumerate(ins):
+            if x.argval in names and x.opname.startswith("LOAD_") and not (
+                    i + 1 < len(ins) and ins[i + 1].opname in ("LOAD_ATTR", "LOAD_METHOD")
+                    and ins[i + 1].argval not in ("forward", "__call__")):
+                return (f"{type(holder).__name__}.{code.co_qualname if hasattr(code, 'co_qualname') else code.co_name} "
+                        f"also uses self.{x.argval}, which fuse cannot read: it would see the fused layer")
+    return None
+
+
+def _nested(code) -> list:
+    found, todo = [], [code]
+    while todo:
+        c = todo.pop()
+        found.append(c)
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
     return found

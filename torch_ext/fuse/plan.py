@@ -171,6 +171,8 @@ def _eligible(tree: _Tree, graphs, unread, calls, pairs, reasons):
     chosen, unread_callers = {}, []
     for linear in (m for m in tree.modules.values() if isinstance(m, nn.Linear)):
         why = _ineligible(linear)
+        for holder, _name in tree.parents.get(id(linear), []) if why is None else []:
+            why = why or _capture.used_outside_forward(holder, linear)
         unknown = [c for c in tree.callers(linear) if id(c) not in graphs]
         if why is None and unknown:
             why = f"called from {tree.path(unknown[0])}, whose forward is not read: {unread[id(unknown[0])]}"
