@@ -88,7 +88,8 @@ MODELS = {
     "gpt-neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**SMALL)),
                  lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
     "distilbert": (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
-        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=64)), lambda: dict(input_ids=_ids(2, 5)), {"gelu": 2}),
+        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=64)), lambda: dict(input_ids=_ids(2, 5)),
+        {}),  # FFN.ff_chunk, a method of its own, calls lin1: a direct call of it would see the fused layer
 }
 
 
@@ -109,6 +110,8 @@ def test_fuses_hugging_face_model_exactly(name):
     for pair in report.fused:
         counts[pair.activation] = counts.get(pair.activation, 0) + 1
     assert counts == want, str(report)
+    if name == "distilbert":
+        assert "FFN.ff_chunk also uses self.lin1" in dict(report.left_alone)["transformer.layer.0.ffn.lin1"]
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert len(report.fused) + len(report.left_alone) == linears, "every nn.Linear is fused or explained"
     assert all(reason for _, reason in report.left_alone)
@@ -190,7 +193,7 @@ def test_recogniser_accepts_formulas_written_out(fn, want):
     (lambda x: x * torch.sigmoid(1.7 * x), "nearest"),  # not quick_gelu's 1.702
     (lambda x: torch.softmax(x, -1), "element-wise"),
     (lambda x: nn.functional.dropout(x, 0.5, True), "again|random"),
-    (lambda x: x.float().sigmoid().to(x.dtype), "nearest: sigmoid"),  # computes in float32: not float64's values
+    (lambda x: x.float().sigmoid().to(x.dtype), "nearest: sigmoid|element-wise"),  # float32 values; rounding varies with size
     (lambda x: x / x.shape[-1], "element-wise"),
     # relu's values, but clamp's gradient at the bound is 1 where relu's is 0
     (lambda x: torch.clamp(x, min=0.0), "nearest"),
@@ -225,17 +228,18 @@ class _KwargsLayer(nn.Module):
     def __init__(self, shared_act=False):
         super().__init__()
         self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(6, 6) for _ in range(4))
-        self.act = Formula(lambda x: x * torch.sigmoid(x))  # recognised as silu
+        self.act = silu = Formula(lambda x: x * torch.sigmoid(x))  # recognised as silu
         self.act3 = nn.GELU()
         self.inner = _Scale()
         self.shared_act = shared_act
+        self.act_again = silu if shared_act else nn.Identity()  # a second call site of it: never fused
 
     def forward(self, x, **kwargs):
         h = self.act(self.fc1(x))                           # module activation: fused by TorchDynamo
         y = nn.functional.relu(self.fc2(x))                 # functional: this forward cannot change
         k = self.fc3(x)
         z = self.act3(k) + k                                # fc3's output used twice
-        extra = self.act(x) if self.shared_act else 0       # act also called on another input
+        extra = self.act_again(x) if self.shared_act else 0  # act also called on another input
         return self.inner(h + y + z + self.fc4(x) + extra, **kwargs)
 
 

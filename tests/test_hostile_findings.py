@@ -33,8 +33,6 @@ class _ModeDependent(nn.Module):
         return self.out(h if self.training else self.act(h))
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/capture.py captures one call in the model's current mode "
-                   "only; the fx path reads both modes. Fused in eval, the model is wrong after .train()")
 def test_dynamo_capture_fused_in_eval_stays_exact_in_train():
     torch.manual_seed(0)
     model = _ModeDependent().double().eval()
@@ -55,9 +53,6 @@ class _ShapeBranch(nn.Module):
         return self.out(self.fc(x))  # the same Linear, no activation
 
 
-@pytest.mark.xfail(strict=True, reason="documented limitation made silent: capture.py fuses a Linear whose other "
-                   "call (a branch the example call did not take) has no activation; fuse()'s doc promises the "
-                   "model's outputs. Refuse, or guard the fused layer, rather than give other values")
 def test_dynamo_capture_branch_not_taken_keeps_values():
     torch.manual_seed(0)
     model = _ShapeBranch().double()
@@ -74,9 +69,6 @@ class _DimDependent(nn.Module):
         return F.gelu(x) if x.dim() < 3 else F.relu(x)
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/recognise.py _probe calls the module on 1-D/2-D grids only; "
-                   "a module that computes something else on the (B, T, C) tensors a transformer feeds it is "
-                   "taken for gelu and the fused model gives other values")
 def test_recogniser_does_not_accept_a_rank_dependent_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), _DimDependent(), nn.Linear(16, 4)).double()
@@ -190,13 +182,82 @@ class _ActUsedByAnotherMethod(nn.Module):
         return self.act(x)
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/fuse/plan.py swaps self.act for FusedActivation (identity) once "
-                   "every call fx saw in forward is fused; calls from other methods (not traced) then get the "
-                   "identity. Rewriting forward (as for a shared activation) keeps self.act whole")
 def test_activation_module_called_from_another_method_keeps_values():
     torch.manual_seed(0)
     model = _ActUsedByAnotherMethod().double()
     fused = fusedlinear.fuse(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-12, rtol=1e-12)
+
+
+class _NumelDependent(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if x.numel() > 1000 else torch.tanh(x)
+
+
+def test_recogniser_does_not_accept_a_numel_dependent_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _NumelDependent(), nn.Linear(16, 4)).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    fused = fusedlinear.fuse(model)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+# ---- fuse's TorchDynamo path: errors in the example call, a forward whose first parameter is not `self`
+
+
+class _Straight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(me, x, *rest):  # noqa: N805 - the first parameter need not be called self
+        if x.dim() > 5:
+            x = x * 2
+        h = me.fc(x)
+        h = me.act(h)
+        return me.out(h)
+
+
+def test_dynamo_capture_fuses_a_straight_call_whatever_self_is_called():
+    torch.manual_seed(0)
+    model = _Straight().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fused, report = fusedlinear.fuse(model, report=True, example_inputs=(x,))
+    assert [(p.linear, p.activation) for p in report.fused] == [("fc", "gelu")], str(report)
+    for mode in (True, False):
+        model.train(mode), fused.train(mode)
+        torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_dynamo_capture_says_when_the_example_call_fails():
+    model = _Straight().double()
+    with pytest.raises(ValueError, match="calling the model on example_inputs raised RuntimeError"):
+        fusedlinear.fuse(model, example_inputs=(torch.randn(5, 3, dtype=torch.float64),))
+
+
+class _LinearUsedByAnotherMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+        nn.init.zeros_(self.fc.bias)  # __init__ runs before fuse: fine
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+    def extra(self, x):  # would get the fused layer's activation too
+        return self.fc(x)
+
+    def width(self):  # reading an attribute is fine
+        return self.fc.out_features
+
+
+def test_linear_called_from_another_method_is_left_alone():
+    torch.manual_seed(0)
+    model = _LinearUsedByAnotherMethod().double()
+    fused, report = fusedlinear.fuse(model, report=True)
+    assert "extra also uses self.fc" in dict(report.left_alone)["fc"], str(report)
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-12, rtol=1e-12)

@@ -20,7 +20,8 @@ Which calls are activations: torch's functions, methods and activation modules b
 (:mod:`fusedlinear.backend.activations`), any other parameter-free module by what it computes
 (:mod:`.recognise`: values and gradients checked in float64 against the table's entry, refused
 with the reason otherwise). A Linear called from a forward fx cannot trace is read with
-TorchDynamo from ``example_inputs`` when given (:mod:`.capture`), where its activation is a module.
+TorchDynamo from ``example_inputs`` when given (:mod:`.capture`), where its activation is a module,
+both modes show the pair and the caller's bytecode shows one straight call site.
 
 The phases, one file each: :mod:`.trace` (fx graphs), :mod:`.capture` (TorchDynamo),
 :mod:`.patterns` (pairs and which Linear layers may change), :mod:`.recognise`, :mod:`.plan`
@@ -31,7 +32,9 @@ How it changes a model, keeping the module tree and every ``state_dict`` key:
 
 * the ``nn.Linear`` becomes the fused layer, at the same name, sharing its parameters;
 * an activation *module* whose every call was fused becomes a :class:`FusedActivation` (an
-  ``nn.Identity`` that remembers the original); the user's ``forward`` stays as written;
+  ``nn.Identity`` that remembers the original) where nothing else can call it: in a plain
+  ``nn.Sequential``, or where :mod:`.capture` checked the caller's code. In a module of the user's
+  class (another method may call it) it stays, and that forward is rewritten as below;
 * a *functional* or *method* activation (``F.relu(self.fc(x))``) can only go by changing the
   code that calls it: that module's class becomes a subclass of its own class (same name, same
   attributes and methods, ``isinstance`` unchanged) whose ``forward`` is the traced graph less the

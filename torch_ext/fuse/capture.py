@@ -2,8 +2,9 @@
 torch.fx cannot trace (Hugging Face's ``**kwargs: Unpack[...]`` passed on, ``@deprecate_kwarg``
 wrappers, branches on tensor attributes: OPT, BART, Whisper decoder layers, ...).
 
-``torch.compile`` with a backend that only keeps the graph runs the model once on the user's
-``example_inputs`` (under ``no_grad``; random states put back). Dynamo inlines every module, so
+``torch.compile`` with a backend that only keeps the graph runs the model on the user's
+``example_inputs`` once in train and once in eval mode (under ``no_grad``; random states and
+buffers put back), after one eager call that says whether the inputs suit the model. Dynamo inlines every module, so
 each op of the graph carries ``nn_module_stack``: the modules whose forward it ran in. A pair is
 an ``F.linear`` node run by an ``nn.Linear`` ``M`` whose one user belongs to the call of another
 module ``A``, and that call of ``A`` (its ops, connected) reads nothing traced but that node:
@@ -11,15 +12,19 @@ module ``A``, and that call of ``A`` (its ops, connected) reads nothing traced b
 table (:mod:`fusedlinear.torch_ext.recognise`), every call of ``M`` in the capture must be such a
 pair with the same ``A``, and every call of ``A`` such a pair with a fused Linear.
 
-The forward that calls them is not changed: ``M`` becomes the fused layer and ``A`` a
-:class:`FusedActivation` (identity), so only modules change, never code. What the capture
-cannot see it cannot vouch for: a branch the example call does not take is not read, so the
-report says the pair was read from the example call.
+A pair must show in both modes' captures. The forward that calls them is not changed: ``M``
+becomes the fused layer and ``A`` a :class:`FusedActivation` (identity), so only modules change,
+never code. What the capture cannot see it cannot vouch for (a branch the example call does not
+take, another method calling ``A``), so each pair is also checked on the caller's bytecode
+(:func:`_fixed_call_site`): one straight ``self.A(self.M(...))`` that every call of either runs.
 """
 
 from __future__ import annotations
 
+import dis
+import inspect
 import random
+import types
 import re
 
 import torch
@@ -29,8 +34,9 @@ _LINEAR_OPS = {torch.nn.functional.linear}  # what nn.Linear.forward calls; Dyna
 
 
 def _module_path(source: str) -> str:
-    """``L['self'].encoder.layers[0].fc1`` (Dynamo's source name) -> ``encoder.layers.0.fc1``."""
-    path = re.sub(r"^L\['self'\]\.?|^L\[\"self\"\]\.?", "", source)
+    """``L['self'].encoder.layers[0].fc1`` (Dynamo's source name; the root is the forward's first
+    parameter, whatever its name) -> ``encoder.layers.0.fc1``."""
+    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", source)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".")
@@ -52,17 +58,35 @@ def graphs(model: nn.Module, example_inputs) -> list:
         return gm.forward
 
     rng, torch_rng = random.getstate(), torch.random.get_rng_state()
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # batch norm's running stats in train mode
     # Each capture adds a cache entry to the model's forwards; past Dynamo's recompile limit it would
     # run them eagerly and show no graph, so start from an empty cache (and leave none behind).
     torch.compiler.reset()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=keep, dynamic=False)(*args, **kwargs)
+            try:  # eagerly first: the model's own error, not Dynamo's rewording of it
+                model(*args, **kwargs)
+            except Exception as error:
+                raise ValueError(f"fuse: calling the model on example_inputs raised {_first_line(error)}; pass "
+                                 f"example_inputs the model accepts (a dict of keyword arguments, a tuple of "
+                                 f"positional ones, or one tensor)") from error
+            try:
+                torch.compile(model, backend=keep, dynamic=False)(*args, **kwargs)
+            except Exception as error:
+                raise ValueError(f"fuse: TorchDynamo could not capture the call of the model on example_inputs: "
+                                 f"{_first_line(error)}; fuse without example_inputs") from error
     finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
         torch.compiler.reset()
         random.setstate(rng)
         torch.random.set_rng_state(torch_rng)
     return [gm.graph for gm in captured]
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _stack(node, model):
@@ -78,8 +102,35 @@ def _stack(node, model):
 
 def pairs(model: nn.Module, example_inputs, wanted, recognise):
     """``({id(linear): (spec, activation module)}, {id(linear): reason})`` for the Linear layers in
-    ``wanted``: the pairs the captured graphs show (see the module doc) and why each other was left.
+    ``wanted``: the pairs the captures in train and in eval mode both show, whose call sites the
+    caller's code shows to hold on every call (see the module doc), and why each other was left.
     ``recognise(module)`` gives the spec or raises with the reason."""
+    was = [(m, m.training) for m in model.modules()]
+    by_mode = []
+    try:
+        for training in (True, False):
+            model.train(training)
+            by_mode.append(_pairs_one_mode(model, example_inputs, wanted, recognise))
+    finally:
+        for m, training in was:
+            m.training = training
+    (found, reasons), (found_eval, reasons_eval) = by_mode
+    for linear_id in found_eval.keys() - found.keys():
+        reasons[linear_id] += " (in train mode; a pair must hold in both modes)"
+    for linear_id in list(found):
+        if found_eval.get(linear_id) != found[linear_id]:
+            why = reasons_eval.get(linear_id, "called before another activation")
+            reasons[linear_id] = f"{why} (in eval mode; a pair must hold in both modes)"
+            del found[linear_id]
+            continue
+        why = _fixed_call_site(model, next(m for m in wanted if id(m) == linear_id), found[linear_id][1])
+        if why is not None:
+            reasons[linear_id] = why
+            del found[linear_id]
+    return found, reasons
+
+
+def _pairs_one_mode(model: nn.Module, example_inputs, wanted, recognise):
     wanted = {id(m): m for m in wanted}
     found, reasons = {}, {}
     calls, paired = {}, {}  # id(activation module) -> how many calls of it the capture has; how many are pairs
@@ -174,3 +225,109 @@ def _pair(node, linear, stacks, recognise):
     if len(escaping) != 1:
         return f"the call of {type(act).__name__} after it has {len(escaping)} outputs"
     return spec, act
+
+
+def _fixed_call_site(model: nn.Module, linear: nn.Module, act: nn.Module) -> str | None:
+    """None where the caller's code calls ``linear`` and then ``act`` on its output at one place, on
+    every call: a capture reads one path through the code, and the fused layer (``linear`` followed
+    by ``act``, ``act`` an identity) is exact only if no other path calls either of them. Else why.
+
+    What is checked, on the bytecode of the class of the module holding both: it holds each once, as
+    ``self.<name>``, and no other module holds them; ``self.<name>`` of each is loaded once in all the
+    class's code, in ``forward``; ``forward`` passes ``self`` to nothing (so no helper can reach
+    them); and from the first of the two loads to the end of the activation's call the code runs
+    straight (no jump, no jump target, and no call between the Linear's and the activation's)."""
+    holders = [m for m in model.modules() if any(c is linear or c is act for c in m._modules.values())]
+    caller = holders[0] if len(holders) == 1 else None
+    names = [n for n, c in caller._modules.items() if c is linear or c is act] if caller is not None else []
+    if caller is None or len(names) != 2:
+        return ("it or its activation is held by more than one module or under "
+                "more than one name, so calls the example call did not make cannot be ruled out")
+    lin_name, act_name = (names if caller._modules[names[0]] is linear else names[::-1])
+    refuse = (f"{type(caller).__name__}'s code is not one straight call "
+              f"self.{act_name}(self.{lin_name}(...)) on every path")
+    forward = inspect.unwrap(type(caller).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_argcount < 1:
+        return refuse
+    loads = {}  # name -> [(code, index)]
+    for fn_code in _class_code(type(caller)):
+        for i, ins in enumerate(dis.get_instructions(fn_code)):
+            if ins.argval in (lin_name, act_name) and (ins.opname.startswith("LOAD_") or ins.opname == "LOAD_CONST"):
+                loads.setdefault(ins.argval, []).append((fn_code, i))
+    if any(len(loads.get(n, ())) != 1 or loads[n][0][0] is not code for n in (lin_name, act_name)):
+        return refuse + " (each loaded once, in forward)"
+    ins = list(dis.get_instructions(code))
+    me = code.co_varnames[0]
+    for i, x in enumerate(ins):  # self only ever has attributes read from it
+        if x.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") and x.argval == me and not (
+                i + 1 < len(ins) and ins[i + 1].opname in ("LOAD_ATTR", "LOAD_METHOD")):
+            return refuse + f" ({me} is passed on)"
+    if me in code.co_cellvars:
+        return refuse + f" ({me} is used by a nested function)"
+    at_lin, at_act = loads[lin_name][0][1], loads[act_name][0][1]
+    lin_end, act_end = _call_end(ins, at_lin), _call_end(ins, at_act)
+    if lin_end is None or act_end is None or not lin_end < act_end:
+        return refuse
+    region = ins[min(at_lin, at_act):act_end + 1]
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    if (any(x.opcode in jumps or (x.is_jump_target and k) for k, x in enumerate(region))
+            or sum(x.opname.startswith("CALL") for x in ins[lin_end + 1:act_end + 1]) != 1):
+        return refuse  # a branch, or a call between the two that could change the value on another input
+    return None
+
+
+def _call_end(ins: list, at: int):
+    """The index of the instruction that ends the call of the attribute loaded at ``at``: its callable,
+    then its arguments, until one value is left where the object was."""
+    depth = 1
+    for i in range(at, len(ins)):
+        depth += dis.stack_effect(ins[i].opcode, ins[i].arg if ins[i].opcode >= dis.HAVE_ARGUMENT else None,
+                                  jump=False)
+        if depth <= 1 and i > at:
+            return i
+    return None
+
+
+def _class_code(cls: type) -> list:
+    """The code objects of ``cls``'s own methods (its bases outside torch included), nested ones too."""
+    found = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for value in vars(klass).values():
+            for fn in (value, getattr(value, "__func__", None), getattr(value, "fget", None),
+                       getattr(value, "fset", None)):
+                fn = inspect.unwrap(fn) if callable(fn) else None
+                found += _nested(fn.__code__) if hasattr(fn, "__code__") else []
+    return found
+
+
+def used_outside_forward(holder: nn.Module, module: nn.Module) -> str | None:
+    """Why ``module`` (a child of ``holder``) may be called by code fuse did not read: a method of
+    ``holder``'s class other than ``forward`` and ``__init__`` uses ``self.<its name>`` as a value
+    (calls it, passes it on; reading its attributes is fine), where a fused layer or an identity
+    would give other values. None when no method does."""
+    names = {n for n, c in holder._modules.items() if c is module}
+    forward = inspect.unwrap(type(holder).forward)
+    mine = _nested(forward.__code__) if hasattr(forward, "__code__") else []
+    for code in _class_code(type(holder)):
+        if code.co_name == "__init__" or any(code is c for c in mine):
+            continue
+        ins = list(dis.get_instructions(code))
+        for i, x in enumerate(ins):
+            if x.argval in names and x.opname.startswith("LOAD_") and not (
+                    i + 1 < len(ins) and ins[i + 1].opname in ("LOAD_ATTR", "LOAD_METHOD")
+                    and ins[i + 1].argval not in ("forward", "__call__")):
+                return (f"{type(holder).__name__}.{code.co_qualname if hasattr(code, 'co_qualname') else code.co_name} "
+                        f"also uses self.{x.argval}, which fuse cannot read: it would see the fused layer")
+    return None
+
+
+def _nested(code) -> list:
+    found, todo = [], [code]
+    while todo:
+        c = todo.pop()
+        found.append(c)
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return found

@@ -44,7 +44,9 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False, example_
     A Linear called from a forward that torch.fx cannot trace (Hugging Face's OPT, BART, Whisper
     layers, ...) is read with TorchDynamo instead when ``example_inputs`` is given (a dict of
     keyword arguments, a tuple of positional ones, or one tensor for one call of ``model``): its
-    pair is fused where the activation is a module (see :mod:`fusedlinear.torch_ext.fuse.capture`).
+    pair is fused where the activation is a module, the pair shows in train and in eval mode and the
+    caller's code calls them at one straight site (see :mod:`fusedlinear.torch_ext.fuse.capture`);
+    inputs the model raises on raise ``ValueError`` ("calling the model on example_inputs raised ...").
     That capture calls ``torch.compiler.reset()`` before and after (Dynamo's per-function limit on
     cached graphs would otherwise end the capture after a few fuse calls): functions compiled
     elsewhere in the process compile again on their next call.
@@ -169,6 +171,8 @@ def _eligible(tree: _Tree, graphs, unread, calls, pairs, reasons):
     chosen, unread_callers = {}, []
     for linear in (m for m in tree.modules.values() if isinstance(m, nn.Linear)):
         why = _ineligible(linear)
+        for holder, _name in tree.parents.get(id(linear), []) if why is None else []:
+            why = why or _capture.used_outside_forward(holder, linear)
         unknown = [c for c in tree.callers(linear) if id(c) not in graphs]
         if why is None and unknown:
             why = f"called from {tree.path(unknown[0])}, whose forward is not read: {unread[id(unknown[0])]}"
@@ -201,7 +205,10 @@ def _settle(tree: _Tree, graphs, calls, pairs, chosen, reasons, refused):
             act = p.act_module
             if act is None:
                 continue
+            # Only nn.Sequential's forward is known to be all its code: a module of the user's class may
+            # call its activation from another method too, which must still see the activation.
             if (all(n in fused_calls for n in calls.get(id(act), []))
+                    and all(type(c) is nn.Sequential for c in tree.callers(act))
                     and all(id(c) in graphs for c in tree.callers(act))
                     and all(n.graph in _owned(graphs[id(p.caller)]) for n in calls.get(id(act), []))):
                 swappable.add(id(act))

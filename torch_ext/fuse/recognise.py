@@ -19,8 +19,10 @@ module is taken for a table entry when it has no parameters or buffers and, call
   a dozen of them and still tells ``gelu_fast`` (``sqrt(2/pi)`` cut to 0.7978845608) from
   ``gelu_tanh``: they differ by ~1e-12 near z = 1, 1000 times the bound;
 * NaN exactly where the entry gives NaN, infinities equal;
-* element by element: the same values for the grid reshaped to (n/4, 4) and transposed (a
-  softmax or a norm computes something else from the same points);
+* element by element: the same values for the grid reshaped to (n/4, 4) and transposed, to 3-D
+  and 4-D shapes, one point at a time, and repeated 64 times (276,224 points, 4-D) (a softmax or a
+  norm computes something else from the same points; a module may branch on ``x.dim()`` or
+  ``x.numel()``);
 * in train and in eval mode, without setting attributes or drawing random numbers.
 
 A wrong guess would change a model silently; a refusal only leaves a pair unfused. So anything
@@ -55,6 +57,10 @@ def _grid() -> torch.Tensor:
 
 
 _GRID = _grid()
+# What else the probe calls the module on, the same points each time: 3-D and 4-D tensors (a module
+# may branch on x.dim()), one point at a time and the grid 64 times over (or on numel).
+_SHAPES = [(4, -1, 83), (2, 2, 83, -1), (1, -1, 1, 4)]
+_LARGE = 64
 
 
 class Refused(Exception):
@@ -150,6 +156,10 @@ def _probe(module: nn.Module):
                 with torch.no_grad():
                     again = _call(module, _GRID.clone())
                     square = _call(module, _GRID.clone().reshape(-1, 4).t().contiguous()).t().reshape(-1)
+                    shaped = [_call(module, _GRID.clone().reshape(shape)).reshape(-1) for shape in _SHAPES]
+                    single = torch.cat([_call(module, z) for z in _GRID.clone().split(1)])
+                    large = _call(module, _GRID.repeat(_LARGE).reshape(_LARGE, 2, 2, -1))
+                    large = large.reshape(_LARGE, -1)
                     got32 = _call(module, _GRID.float())
             finally:
                 set_attrs += _changed(before)
@@ -160,8 +170,10 @@ def _probe(module: nn.Module):
                 .logical_or(torch.isnan(a)).all())
             if not same(got, again):
                 raise Refused("gives other values when called again on the same tensor")
-            if not same(got, square):
-                raise Refused("is not element-wise: a point's value depends on the tensor's shape or its other elements")
+            if not (same(got, square) and all(same(got, t) for t in shaped + [single])
+                    and all(same(got, row) for row in large)):
+                raise Refused("is not element-wise: a point's value depends on the tensor's shape, size or its "
+                              "other elements")
             results.append((got, grad, got32))
         if not all(bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all()) for a, b in zip(results[0], results[1])):
             raise Refused("computes something else in train and in eval mode")
