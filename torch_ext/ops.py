@@ -33,7 +33,11 @@ first, as ``F.linear`` is cast. Which implementation runs a call is decided in o
 
 Every entry point (``fused_linear``, ``fused_chain``, both Functions' ``apply``, both ops and
 their fake implementations) validates its arguments: :func:`_valid` passes the common call in a
-few cheap tests, :func:`_check` names the bad value and the fix.
+few cheap tests, :func:`_check` names the bad value and the fix. One exception: the ops' schema
+says ``float negative_slope``, and the dispatcher converts a 0-d tensor to that float before any
+implementation runs (as for every ATen op with a float argument), so ``torch.ops.fusedlinear.linear_act``
+cannot see a tensor slope to refuse it as ``fused_linear`` does; it computes with its value (no
+gradient flows into it). Meta tensors run as plain torch ops (shapes only, as ``F.linear`` gives).
 """
 
 from __future__ import annotations
