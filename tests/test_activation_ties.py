@@ -35,21 +35,26 @@ def _close(got, want, z, dtype):
     return same_special and bool(((got - want).abs()[finite] <= bound[finite]).all())
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_ties_and_limits_match_autograd(activation, dtype, backend):
-    points = [p for p in POINTS if dtype == torch.float64 or abs(p) < 3e38]
-    x, w, b = _exact(points, dtype)
-    x.requires_grad_(True)
+def _fused_and_autograd(x, w, b, activation, backend):
+    """(what, fused, autograd's) for the value and dZ of ``activation`` at the rows of ``x`` (W = I, b = 0)."""
+    x = x.detach().requires_grad_(True)
     ref_x = x.detach().clone().requires_grad_(True)
     with fusedlinear.use_backend(backend):
         out = fusedlinear.fused_linear(x, w, b, activation, 0.1)
         (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
     ref = REGISTRY[activation].torch(ref_x, 0.1)
     (ref_dx,) = torch.autograd.grad(ref, ref_x, torch.ones_like(ref))
+    return ("value", out.detach(), ref.detach()), ("dZ", dx, ref_dx)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_ties_and_limits_match_autograd(activation, dtype, backend):
+    points = [p for p in POINTS if dtype == torch.float64 or abs(p) < 3e38]
+    x, w, b = _exact(points, dtype)
     z = x.detach()
-    for what, got, want in (("value", out.detach(), ref.detach()), ("dZ", dx, ref_dx)):
+    for what, got, want in _fused_and_autograd(x, w, b, activation, backend):
         ok = _close(got, want, z, dtype)
         bad = [(p, g, r) for p, g, r in zip(z.flatten().tolist(), got.flatten().tolist(), want.flatten().tolist())
                if not (g == r or (math.isnan(g) and math.isnan(r)) or abs(g - r) <= 64 * torch.finfo(dtype).eps * (abs(r) + 1 + abs(p)))]
@@ -89,14 +94,7 @@ def test_float_max_and_non_finite_match_autograd(activation, dtype, backend, req
     big = torch.finfo(dtype).max
     x = torch.tensor([big, -big, big / 2, -big / 2, math.inf, -math.inf, math.nan], dtype=dtype).reshape(-1, 1)
     w, b = torch.ones(1, 1, dtype=dtype), torch.zeros(1, dtype=dtype)
-    x.requires_grad_(True)
-    ref_x = x.detach().clone().requires_grad_(True)
-    with fusedlinear.use_backend(backend):
-        out = fusedlinear.fused_linear(x, w, b, activation, 0.1)
-        (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    ref = REGISTRY[activation].torch(ref_x, 0.1)
-    (ref_dx,) = torch.autograd.grad(ref, ref_x, torch.ones_like(ref))
-    for what, got, want in (("value", out.detach(), ref.detach()), ("dZ", dx, ref_dx)):
+    for what, got, want in _fused_and_autograd(x, w, b, activation, backend):
         z = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)  # a bound in |z| only where z is finite
         assert _close(got, want, z, dtype), f"{activation} {what} on {backend}: {got.flatten().tolist()} " \
                                                      f"vs autograd {want.flatten().tolist()}"
