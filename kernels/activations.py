@@ -61,11 +61,14 @@ _TABLE = (
     ),
     Activation("silu", "z * sigmoid(z)", "da * sigmoid(z) * (1.0 + z * (1.0 - sigmoid(z)))", "z"),
     Activation("leaky_relu", "where(z > 0.0, z, z * s)", "where(z > 0.0, da, da * s)", "z"),
-    # CLIP's default: z·σ(1.702 z) (HF QuickGELUActivation); g' as autograd differentiates that product.
+    # CLIP's default: z·σ(1.702 z) (HF QuickGELUActivation); dz as autograd computes it for that product,
+    # operation for operation (mul's dA·σ, plus sigmoid_backward's ((dA·z)·(1-σ))·σ, times 1.702), so
+    # overflow and NaN come out as autograd's: at |z| ~ float max (1.702 z = ±inf, (1-σ)·σ = 0) the second
+    # term is finite·0 = 0 and g' is 1 or 0, not inf·0 = NaN as 1.702·z·σ(1-σ) gave.
     Activation(
         "quick_gelu",
         "z * sigmoid(1.702 * z)",
-        "da * (sigmoid(1.702 * z) + 1.702 * z * sigmoid(1.702 * z) * (1.0 - sigmoid(1.702 * z)))",
+        "da * sigmoid(1.702 * z) + da * z * (1.0 - sigmoid(1.702 * z)) * sigmoid(1.702 * z) * 1.702",
         "z",
     ),
     # HF FastGELUActivation ("gelu_fast"): gelu_tanh with sqrt(2/pi) cut to 0.7978845608 and the

@@ -1,6 +1,6 @@
 // fl_activations.cuh: GENERATED from kernels/activations.py by `python -m fusedlinear.kernels.cuda`.
 // Do not edit; tests/test_cuda_build.py fails when this file and the table disagree.
-// Activation table digest: 15d12e1e9f898a1d
+// Activation table digest: 3a9df18b4eb46b1c
 #pragma once
 
 template <typename T> __host__ __device__ __forceinline__ T where(bool c, T x, T y) { return c ? x : y; }
@@ -42,7 +42,7 @@ template <int ACT, typename T> __host__ __device__ __forceinline__ T fl_act_back
     case 5: { const T z = v; return da * (T(0.5) * (T(1.0) + tanh(T(0.7978845608028654) * (z + T(0.044715) * z * z * z))) + T(0.5) * z * (T(1.0) - tanh(T(0.7978845608028654) * (z + T(0.044715) * z * z * z)) * tanh(T(0.7978845608028654) * (z + T(0.044715) * z * z * z))) * T(0.7978845608028654) * (T(1.0) + T(3.0) * T(0.044715) * z * z)); }  // gelu_tanh
     case 6: { const T z = v; return da * sigmoid(z) * (T(1.0) + z * (T(1.0) - sigmoid(z))); }  // silu
     case 7: { const T z = v; return where(z > T(0.0), da, da * s); }  // leaky_relu
-    case 8: { const T z = v; return da * (sigmoid(T(1.702) * z) + T(1.702) * z * sigmoid(T(1.702) * z) * (T(1.0) - sigmoid(T(1.702) * z))); }  // quick_gelu
+    case 8: { const T z = v; return da * sigmoid(T(1.702) * z) + da * z * (T(1.0) - sigmoid(T(1.702) * z)) * sigmoid(T(1.702) * z) * T(1.702); }  // quick_gelu
     case 9: { const T z = v; return da * (T(0.5) * (T(1.0) + tanh(z * T(0.7978845608) * (T(1.0) + T(0.044715) * z * z))) + T(0.5) * z * (T(1.0) - tanh(z * T(0.7978845608) * (T(1.0) + T(0.044715) * z * z)) * tanh(z * T(0.7978845608) * (T(1.0) + T(0.044715) * z * z))) * T(0.7978845608) * (T(1.0) + T(0.044715) * T(3.0) * z * z)); }  // gelu_fast
     case 10: { const T a = v; return where(a <= T(0.0), T(0.0), where(a >= T(6.0), T(0.0), da)); }  // relu6
     case 11: { const T z = v; return where(z <= T(0.0), T(0.0), T(2.0) * z * da); }  // relu2

@@ -43,6 +43,10 @@ CASES = [
      r"^fusedlinear: weight is layout torch.sparse_coo.*weight.to_dense\(\)"),
     ("sparse bias", lambda: fused_linear(X, W, B.to_sparse()), RuntimeError,
      r"^fusedlinear: bias is layout torch.sparse_coo.*bias.to_dense\(\)"),
+    ("float8 input", lambda: fused_linear(X.to(torch.float8_e4m3fn), W.to(torch.float8_e4m3fn)), TypeError,
+     r"input has dtype torch.float8_e4m3fn; fused layers compute in float32, float64, float16 or bfloat16"),
+    ("float8 chain", lambda: fused_chain(X, [(W, B, "relu", 0.0), (torch.ones(2, 5, dtype=torch.float8_e5m2), None, "relu", 0.0)]),
+     TypeError, r"layer 1: weight has dtype torch.float8_e5m2; .*weight.float\(\)"),
     ("from_linear type", lambda: fusedlinear.FusedLinearReLU.from_linear(torch.nn.Conv1d(1, 1, 1)), TypeError, r"nn.Linear"),
 ]
 
@@ -90,6 +94,11 @@ ENTRY_CASES = [
     ("int input", (X.long(), W, B, "relu", 0.01), TypeError, r"input has dtype torch.int64"),
     ("sparse input", (X.to_sparse(), W, B, "relu", 0.01), ValueError, r"input is layout torch.sparse_coo.*input.to_dense\(\)"),
     ("meta weight", (X, W.to("meta"), B, "relu", 0.01), RuntimeError, r"input is on cpu but weight is on meta"),
+    # float8 is a floating dtype no kernel (and no torch activation) computes in: named, with the fix.
+    ("float8 input", (X.to(torch.float8_e4m3fn), W.to(torch.float8_e4m3fn), None, "relu", 0.01), TypeError,
+     r"input has dtype torch.float8_e4m3fn; fused layers compute in float32.*input.float\(\)"),
+    ("float8 weight", (X, W.to(torch.float8_e5m2), B, "relu", 0.01), TypeError,
+     r"weight has dtype torch.float8_e5m2; .*weight.float\(\)"),
 ]
 _ENTRIES = {"FusedLinearFunction.apply": _APPLY, "linear_act": _OP, "FusedChainFunction.apply": _CHAIN}
 
@@ -159,3 +168,24 @@ def test_sparse_layouts_torch_computes_equal_the_dense_result(to_sparse):
     for got in (fused_linear(to_sparse(x), w, b), fused_linear(x, to_sparse(w), b) if to_sparse is torch.Tensor.to_sparse_csr else None):
         if got is not None:
             torch.testing.assert_close(got.to_dense(), want, rtol=1e-12, atol=1e-12)  # float64, one small product: rounding only
+
+
+def test_op_refuses_nested_tensors_naming_the_fix():
+    """The op has no nested kernel: our message (not the dispatcher's 'Could not run ... NestedTensorCPU')."""
+    nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    pattern = r"input is a nested tensor; .*to_padded_tensor\(0.0\)"
+    for requires_grad in (False, True):
+        with pytest.raises(ValueError, match=pattern):
+            torch.ops.fusedlinear.linear_act(nested.detach().requires_grad_(requires_grad), W, B, "relu", 0.01)
+    with pytest.raises(ValueError, match=r"grad is a nested tensor"):
+        torch.ops.fusedlinear.linear_act_backward(nested, nested, nested, W, "relu", 0.01, [True] * 3)
+
+
+def test_op_slope_is_a_float_by_its_schema():
+    """The op's schema says ``float negative_slope``: the dispatcher converts a 0-d tensor to a float
+    before any kernel runs (as for every ATen op with a float argument), so the op cannot see it to
+    refuse it; it computes with that value, equal to fused_linear with float(slope). fused_linear and
+    FusedLinearFunction.apply, which can see it, refuse it (test_slope_must_be_a_number)."""
+    slope = torch.tensor(0.25)
+    got = torch.ops.fusedlinear.linear_act(X, W, B, "leaky_relu", slope)[0]
+    torch.testing.assert_close(got, fused_linear(X, W, B, "leaky_relu", 0.25), rtol=0, atol=0)

@@ -80,9 +80,6 @@ def test_recogniser_does_not_accept_a_rank_dependent_module():
 # ---- 3. wrong value: the torch backend's quick_gelu g' overflows in float32 ------------------
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/activations.py quick_gelu backward '1.702 * z * sigmoid * (1 - sigmoid)' "
-                   "is inf * 0 = NaN at float32 z = 3.4e38 in backend/reference.py (the torch backend: create_graph, "
-                   "vmap, bf16, empty); autograd of z*sigmoid(1.702 z) gives 1, as the Numba kernel does")
 def test_torch_backend_quick_gelu_grad_at_float32_max():
     z = torch.tensor([[3.4e38]], dtype=torch.float32)
     x = z.clone().requires_grad_()
@@ -97,13 +94,43 @@ def test_torch_backend_quick_gelu_grad_at_float32_max():
 # ---- 4. crash: meta tensors ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="torch_ext/ops.py _prepare calls torch.is_autocast_enabled('meta'), which "
-                   "raises 'unknown device type for autocast'; F.linear and the op's fake impl take meta tensors")
 def test_fused_linear_on_meta_tensors():
     x, w = torch.randn(2, 4, device="meta"), torch.randn(5, 4, device="meta")
     assert fusedlinear.fused_linear(x, w, None, "relu").shape == F.linear(x, w).shape
     layer = fusedlinear.FusedLinearMish(4, 5, device="meta")
     assert layer(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu"])
+def test_meta_tensors_behave_as_f_linear_does(activation):
+    """Shapes, dtype, device and gradients' shapes as F.linear + activation give them on meta
+    (accelerate's init_empty_weights, torch.device('meta')), for fused_linear, fused_chain, modules."""
+    w1, b1 = torch.randn(5, 4, device="meta", requires_grad=True), torch.randn(5, device="meta", requires_grad=True)
+    w2 = torch.randn(3, 5, device="meta", dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2, 7, 4, device="meta", requires_grad=True)
+    ref = F.linear(F.relu(F.linear(x, w1, b1)), w2)
+    for out in (fusedlinear.fused_linear(fusedlinear.fused_linear(x, w1, b1, activation), w2, None, "identity"),
+                fusedlinear.fused_chain(x, [(w1, b1, activation, 0.01), (w2, None, "identity", 0.0)])):
+        assert (out.shape, out.dtype, out.device) == (ref.shape, ref.dtype, ref.device)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and w1.grad.shape == w1.shape and b1.grad.shape == b1.shape
+        assert x.grad.device.type == "meta"
+    y = fusedlinear.fused_linear(x.double(), w1.double(), None, activation)
+    assert y.dtype == torch.float64 and y.shape == (2, 7, 5)
+
+
+def test_module_built_on_meta_then_to_empty_computes_like_linear():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layer = fusedlinear.FusedLinearReLU(4, 5)
+        seq = fusedlinear.fuse(nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)))
+    x = torch.randn(3, 4, device="meta")
+    assert layer(x).shape == (3, 5) and seq(x).shape == (3, 3)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 4)), layer.bias.copy_(torch.randn(5))
+    xc = torch.randn(3, 4)
+    torch.testing.assert_close(layer(xc), F.relu(F.linear(xc, layer.weight, layer.bias)))
 
 
 # ---- 5. destructive: the CLI's atomic writes replace links, devices and modes -----------------

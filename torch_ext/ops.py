@@ -33,7 +33,11 @@ first, as ``F.linear`` is cast. Which implementation runs a call is decided in o
 
 Every entry point (``fused_linear``, ``fused_chain``, both Functions' ``apply``, both ops and
 their fake implementations) validates its arguments: :func:`_valid` passes the common call in a
-few cheap tests, :func:`_check` names the bad value and the fix.
+few cheap tests, :func:`_check` names the bad value and the fix. One exception: the ops' schema
+says ``float negative_slope``, and the dispatcher converts a 0-d tensor to that float before any
+implementation runs (as for every ATen op with a float argument), so ``torch.ops.fusedlinear.linear_act``
+cannot see a tensor slope to refuse it as ``fused_linear`` does; it computes with its value (no
+gradient flows into it). Meta tensors run as plain torch ops (shapes only, as ``F.linear`` gives).
 """
 
 from __future__ import annotations
@@ -82,6 +86,20 @@ def _linear_act_backward_plain(grad, saved, input, weight, activation, negative_
     _check_op_backward(grad, saved, input, weight, activation, negative_slope, output_mask)
     return _reference.backward(grad, saved, input, weight, activation, negative_slope, output_mask)
 
+
+def _refuse_nested(op, tensors):
+    """NestedTensorCPU/CUDA keys: no kernel takes nested tensors; the message names the tensor and
+    the fix (the dispatcher's own error says only that the op has no such backend)."""
+    label, t = next(((label, t) for label, t in tensors.items() if _not_strided(t)), ("input", tensors["input"]))
+    raise ValueError(f"fusedlinear::{op}: {_layout_fix(label, t)} (or call fused_linear, which runs nested "
+                     f"tensors as plain torch ops)")
+
+
+for _key in ("NestedTensorCPU", "NestedTensorCUDA", "AutogradNestedTensor"):
+    _lib.impl("linear_act", lambda input, weight, bias, *_: _refuse_nested(
+        "linear_act", {"input": input, "weight": weight, "bias": bias}), _key)
+    _lib.impl("linear_act_backward", lambda grad, saved, input, weight, *_: _refuse_nested(
+        "linear_act_backward", {"grad": grad, "saved": saved, "input": input, "weight": weight}), _key)
 
 for _key, _forward, _backward_impl in (("CPU", _linear_act, _linear_act_backward),
                                        ("CUDA", _linear_act, _linear_act_backward),
@@ -277,10 +295,13 @@ def _prepare(input, weight, bias, activation, negative_slope, features=None, whe
     and ask :func:`fusedlinear.backend.route` whether the call runs as plain torch ops (a layout no
     kernel takes: sparse, mkldnn, nested) or goes to the fused op.
     Returns (input, weight, bias, plain)."""
-    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+    device = input.device.type if isinstance(input, torch.Tensor) else None
+    # is_autocast_enabled raises for a device type autocast does not know (meta)
+    if device is not None and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         input, weight, bias = _autocast(input, weight, bias)
     _check(input, weight, bias, activation, negative_slope, features, where)
-    plain = backend.route(input, weight, bias, front=True) is _reference
+    # meta tensors (init_empty_weights, torch.device("meta")): shapes only, as F.linear + activation give them
+    plain = device == "meta" or backend.route(input, weight, bias, front=True) is _reference
     return input, weight, bias, plain
 
 
@@ -307,6 +328,11 @@ def _check(input, weight, bias, activation, negative_slope, features=None, where
             raise TypeError(
                 f"fused_linear: {where}{label} has dtype {t.dtype}; a real floating dtype is needed "
                 f"(convert with {label}.float() or {label}.double())"
+            )
+        if t is not None and t.dtype not in _COMMON_FLOATS:  # float8 & co: no kernel, and no torch activation either
+            raise TypeError(
+                f"fused_linear: {where}{label} has dtype {t.dtype}; fused layers compute in float32, float64, "
+                f"float16 or bfloat16: convert with {label}.float() (or {label}.to(torch.bfloat16)) and back after"
             )
     for label, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != input.dtype:
