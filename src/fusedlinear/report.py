@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import tempfile
 
 import numpy
@@ -48,15 +49,54 @@ def machine_info() -> dict:
     return info
 
 
+def _resolve(path: str) -> tuple[str, bool]:
+    """``path`` with its symlinks followed one at a time, and whether a step went through ``/proc``
+    (``/dev/stdout``, ``/dev/fd/N``: the file is an open descriptor of this process, not a name)."""
+    path = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a symlink chain
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if path.startswith("/proc/"):
+            return path, True
+        if not os.path.islink(path):
+            return path, False
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise OSError(f"too many levels of symbolic links in {path!r}")
+
+
 def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write through a temporary file in the same directory, then rename: never a half-written file.
+
+    A symlink is followed (its target is replaced, the link stays). A path that is no regular file's
+    name (a FIFO, a character device such as /dev/null, /dev/stdout) is written directly, appending,
+    as a shell's ``>>`` would: renaming over it would replace the device node or the pipe itself.
+    A new file gets ``0o666 & ~umask`` like ``open()``; a replaced one keeps its mode."""
+    target, through_proc = _resolve(path)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a directory; name a file inside it")
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        raise OSError(f"refusing to write {path!r}: it is a block device (a disk); name a regular file")
+    if through_proc or (st is not None and not stat.S_ISREG(st.st_mode)):
+        with open(path, "ab") as f:
+            write(f)
+        return
+    directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    else:
+        umask = os.umask(0o022)  # the only way to read it; set back at once
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(target))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600
             write(f)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
