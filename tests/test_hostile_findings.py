@@ -205,10 +205,6 @@ def _avx512_host() -> bool:
 
 @pytest.mark.skipif(not (_avx512_host() and shutil.which("objdump") and shutil.which("cc")),
                     reason="needs an AVX-512 host, objdump and a C compiler")
-@pytest.mark.xfail(strict=True, reason="kernels/cpu.py _build_native targets ll.get_host_cpu_name()/features and "
-                   "ignores NUMBA_CPU_NAME=generic (Numba's documented way to make a portable cache); the cache key "
-                   "(cpu_cache.kernel_name) has no CPU, so a cache shared with an AVX2-only machine loads AVX-512 "
-                   "code with ctypes: SIGILL")
 def test_native_kernels_respect_numba_cpu_name(tmp_path):
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     code = ("import warnings; warnings.simplefilter('ignore')\n"
