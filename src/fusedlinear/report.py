@@ -14,6 +14,7 @@ import tempfile
 import numpy
 import torch
 
+from .argtypes import output_target
 from .backend import numba_cpu
 
 DTYPES = {str(dtype).removeprefix("torch."): dtype
@@ -49,20 +50,6 @@ def machine_info() -> dict:
     return info
 
 
-def _resolve(path: str) -> tuple[str, bool]:
-    """``path`` with its symlinks followed one at a time, and whether a step went through ``/proc``
-    (``/dev/stdout``, ``/dev/fd/N``: the file is an open descriptor of this process, not a name)."""
-    path = os.path.abspath(path)
-    for _ in range(40):  # the kernel's own limit on a symlink chain
-        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-        if path.startswith("/proc/"):
-            return path, True
-        if not os.path.islink(path):
-            return path, False
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    raise OSError(f"too many levels of symbolic links in {path!r}")
-
-
 def atomic_write(path: str, write) -> None:
     """Write through a temporary file in the same directory, then rename: never a half-written file.
 
@@ -70,7 +57,7 @@ def atomic_write(path: str, write) -> None:
     name (a FIFO, a character device such as /dev/null, /dev/stdout) is written directly, appending,
     as a shell's ``>>`` would: renaming over it would replace the device node or the pipe itself.
     A new file gets ``0o666 & ~umask`` like ``open()``; a replaced one keeps its mode."""
-    target, through_proc = _resolve(path)
+    target, in_place = output_target(path)
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -79,7 +66,7 @@ def atomic_write(path: str, write) -> None:
         raise IsADirectoryError(f"cannot write {path!r}: it is a directory; name a file inside it")
     if st is not None and stat.S_ISBLK(st.st_mode):
         raise OSError(f"refusing to write {path!r}: it is a block device (a disk); name a regular file")
-    if through_proc or (st is not None and not stat.S_ISREG(st.st_mode)):
+    if in_place:
         with open(path, "ab") as f:
             write(f)
         return
