@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import activations as _acts
+from ..kernels import blas as _blas
 from ..kernels import cpu_cache
 from ..kernels import cpu_params as slots
 from ..kernels import tiling
@@ -85,9 +86,8 @@ def blas_libraries() -> dict:
     """The BLAS libraries the kernels can call, by name, as addresses of their ?gemm_ (and, for
     MKL, of its per-thread thread setter): "mkl" (PyTorch's own, when libtorch_cpu exports it)
     and "openblas" (scipy's, with the kernel family it runs: ``core``)."""
-    from ..kernels.blas import limit_scipy_blas_threads, scipy_gemm_addresses, scipy_openblas_core
+    from ..kernels.blas import scipy_gemm_addresses, scipy_openblas_core
 
-    limit_scipy_blas_threads()  # the kernels' own threads each call it on one tile
     found = {}
     if torch.backends.mkl.is_available():
         try:
@@ -164,17 +164,25 @@ def _entry(phase: str, activation: str, dtype) -> tuple[int, object]:
 
 def _launch(address: int, call, params: array.array, parallel: bool) -> None:
     """Run the kernel at ``address`` (``call``: the same as a ctypes callable) on ``params``: on
-    PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread."""
-    if parallel and torch.get_num_threads() > 1:
-        omp = openmp()
-        if omp is not None and not FORK.unsafe:
-            params[0], params[1] = omp["thread_num"], omp["num_threads"]
-            omp["parallel"](address, params.buffer_info()[0], torch.get_num_threads(), 0)
-            return
-        if FORK.unsafe:
-            _warn_fork_once()
-    params[0] = params[1] = 0
-    call(params.buffer_info()[0])
+    PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread. Calls
+    through OpenBLAS (no per-thread setter, unlike MKL's) hold it to one thread while they run."""
+    openblas = params[slots.P_BLAS_THREADS] == 0
+    if openblas:
+        _blas.pin_one_thread()
+    try:
+        if parallel and torch.get_num_threads() > 1:
+            omp = openmp()
+            if omp is not None and not FORK.unsafe:
+                params[0], params[1] = omp["thread_num"], omp["num_threads"]
+                omp["parallel"](address, params.buffer_info()[0], torch.get_num_threads(), 0)
+                return
+            if FORK.unsafe:
+                _warn_fork_once()
+        params[0] = params[1] = 0
+        call(params.buffer_info()[0])
+    finally:
+        if openblas:
+            _blas.unpin()
 
 
 _fork_warned = False

@@ -14,7 +14,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blas import limit_scipy_blas_threads, scipy_gemm_addresses, scipy_openblas_core  # noqa: F401  (moved there)
+from .blas import scipy_gemm_addresses, scipy_openblas_core  # noqa: F401  (moved there)
 
 _VOIDP = ir.IntType(8).as_pointer()
 

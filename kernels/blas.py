@@ -15,6 +15,7 @@ import functools
 import glob
 import importlib.util
 import os
+import threading
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,6 +31,7 @@ def _bundled():
                 lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
                 lib.scipy_openblas_get_config.restype = ctypes.c_char_p
                 lib.scipy_openblas_set_num_threads.argtypes = [ctypes.c_int]
+                lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
                 lib.scipy_sgemm_, lib.scipy_dgemm_  # noqa: B018  (both must be there)
                 return lib
             except (OSError, AttributeError):
@@ -52,6 +54,7 @@ def scipy_gemm_addresses() -> dict[str, int]:
     return {name: pointer_of(capsules[name], name_of(capsules[name])) for name in ("sgemm", "dgemm")}
 
 
+@functools.lru_cache(maxsize=None)
 def _scipy_openblas():
     """threadpoolctl's controller of scipy's OpenBLAS (the 32-bit-integer one its cython_blas uses), or None."""
     from threadpoolctl import ThreadpoolController
@@ -65,15 +68,43 @@ def _scipy_openblas():
     return None
 
 
-def limit_scipy_blas_threads() -> None:
-    """scipy's OpenBLAS to one thread: the kernels' own threads each call it on one tile."""
+def scipy_blas_threads(n: int) -> int:
+    """Set scipy's OpenBLAS to ``n`` threads; the count it had (unchanged when it was ``n``)."""
     lib = _bundled()
     if lib is not None:
-        lib.scipy_openblas_set_num_threads(1)
-        return
+        previous = lib.scipy_openblas_get_num_threads()
+        if previous != n:
+            lib.scipy_openblas_set_num_threads(n)
+        return previous
     ctl = _scipy_openblas()
-    if ctl is not None:
-        ctl.set_num_threads(1)
+    if ctl is None:
+        return n
+    previous = ctl.num_threads
+    if previous != n:
+        ctl.set_num_threads(n)
+    return previous
+
+
+# The kernels' own threads each call OpenBLAS on one tile, so it must run one thread then. Its
+# thread count is process-wide (openblas_set_num_threads_local, 0.3.27+, sets the same global
+# one), so it is set to 1 only while a team runs and then given back: the user's scipy.linalg
+# keeps its threads. Counted, so overlapping launches from several Python threads restore it once.
+_pin_lock = threading.Lock()
+_pins = [0, 0]  # launches running with OpenBLAS pinned, the count to give back
+
+
+def pin_one_thread() -> None:
+    with _pin_lock:
+        if _pins[0] == 0:
+            _pins[1] = scipy_blas_threads(1)
+        _pins[0] += 1
+
+
+def unpin() -> None:
+    with _pin_lock:
+        _pins[0] -= 1
+        if _pins[0] == 0:
+            scipy_blas_threads(_pins[1])
 
 
 def scipy_openblas_core() -> str:

@@ -348,6 +348,16 @@ def _numba_files(numba_dir: str, source_path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(numba_dir), f"{glob.escape(stem)}.kernel-*")))
 
 
+def _numba_cpu() -> tuple[str, str]:
+    """The CPU name and LLVM feature string Numba compiles for (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES,
+    NUMBA_ENABLE_AVX honoured): the native object is emitted for the very same target."""
+    import llvmlite.binding as ll
+    from numba.core import codegen, config
+
+    name = config.CPU_NAME if config.CPU_NAME is not None else ll.get_host_cpu_name()
+    return name, config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+
+
 def _build_native(kernel, stem: str) -> str | None:
     """Link ``kernel``'s machine code as the shared object ``stem.so`` (a C compiler driver, $CC or
     cc, does the linking), loadable with ctypes without Numba; its path, or None when there is no
@@ -358,9 +368,9 @@ def _build_native(kernel, stem: str) -> str | None:
     import llvmlite.binding as ll
 
     try:
+        cpu, features = _numba_cpu()
         machine = ll.Target.from_default_triple().create_target_machine(
-            cpu=ll.get_host_cpu_name(), features=ll.get_host_cpu_features().flatten(), opt=3, reloc="pic",
-            codemodel="default")
+            cpu=cpu, features=features, opt=3, reloc="pic", codemodel="default")
         module = ll.parse_assembly(kernel._library.get_llvm_str())
         for value in [*module.functions, *module.global_variables]:  # only the entry point is exported ...
             if not value.is_declaration and value.name != kernel.native_name:
@@ -417,6 +427,10 @@ def _import_generated(key: tuple, source: str, announce) -> object:
         record, damage = cpu_cache.read_manifest(stem)
         if record is not None and record["files"].get(path) != hashlib.sha256(source.encode()).hexdigest():
             record, damage = None, f"{path} is not this kernel's source"
+        state = "is damaged"
+        if record is not None and record.get("target") != cpu_cache.cpu_target():
+            damage = f"{record.get('target')!r}, not {cpu_cache.cpu_target()!r}"
+            record, state = None, "was built for another CPU"
         if record is not None:
             try:
                 return _import_module(path, module_name).kernel
@@ -425,7 +439,7 @@ def _import_generated(key: tuple, source: str, announce) -> object:
         if damage is None and os.path.exists(path):
             damage = "a build was left unfinished (no manifest)"
         if damage is not None:
-            cpu_cache.warn_rebuild(f"kernel {os.path.basename(stem)}", damage)
+            cpu_cache.warn_rebuild(f"kernel {os.path.basename(stem)}", damage, state)
         cpu_cache.remove([stem + ".json"] + cpu_cache.listed_files(stem) + [stem + ".so"])  # manifest first
         announce()
         cpu_cache.atomic_write(path, source.encode())
@@ -434,7 +448,8 @@ def _import_generated(key: tuple, source: str, announce) -> object:
         files = [path] + _numba_files(kernel._cache.cache_path, path)
         native = _build_native(kernel, stem)
         cpu_cache.write_manifest(stem, files + ([native] if native else []), native=native,
-                                 symbol=kernel.native_name if native else None)
+                                 symbol=kernel.native_name if native else None, target=cpu_cache.cpu_target(),
+                                 compiled_for=_numba_cpu())
         return kernel
 
 

@@ -16,9 +16,11 @@ so processes cold-starting on one empty cache compile each kernel once and the o
 
 The key digests everything that generates a kernel: the activation's table entry (its formulas),
 the sources of the generator (cpu.py, _numba_runtime.py, cpu_params.py, activations.py, this
-file), and the versions of Python, Numba, llvmlite and NumPy — so a change to any of them builds
-a fresh group instead of loading a stale one. It is computed from files and package metadata,
-not by importing the compiler.
+file), the versions of Python, Numba, llvmlite and NumPy, and the CPU the machine code targets
+(``cpu_target``) — so a change to any of them builds a fresh group instead of loading a stale one,
+and a cache shared with (or copied to) another CPU is never run there: its groups are under other
+names, and the manifest's ``target`` is checked again before a shared object is loaded. It is
+computed from files, package metadata and /proc/cpuinfo, not by importing the compiler.
 """
 
 from __future__ import annotations
@@ -90,10 +92,48 @@ def generator_stamp() -> bytes:
     return h.digest()
 
 
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "flags",  # x86
+               "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features", "isa")  # arm, riscv
+
+
+@functools.lru_cache(maxsize=None)
+def _host_cpu() -> str:
+    """This CPU's model and instruction-set flags (the first processor's lines of /proc/cpuinfo;
+    elsewhere, LLVM's name and features for it): machines that agree here run the same code."""
+    fields = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                name, _, value = line.partition(":")
+                if name.strip() in _CPU_FIELDS:
+                    fields.append(f"{name.strip()}={value.strip()}")
+    except OSError:
+        pass
+    if not fields:
+        import llvmlite.binding as ll
+
+        fields = [ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten()]
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:16]
+
+
+def cpu_target() -> str:
+    """The CPU the kernels' machine code is compiled for, chosen as Numba chooses it:
+    NUMBA_CPU_NAME and NUMBA_CPU_FEATURES where set (``generic`` alone means no extra features:
+    code any CPU of the architecture runs), else this host (``_host_cpu``); NUMBA_ENABLE_AVX too."""
+    name, features = os.environ.get("NUMBA_CPU_NAME"), os.environ.get("NUMBA_CPU_FEATURES")
+    if features is None and name is not None and name.lower() == "generic":
+        features = ""
+    host = "" if name is not None and features is not None else f" host {_host_cpu()}"
+    return f"cpu {name or 'host'} features {features if features is not None else 'host'}{host} " \
+           f"avx {os.environ.get('NUMBA_ENABLE_AVX', 'default')}"
+
+
 def kernel_name(phase: str, activation: str | None, dtype: str) -> str:
     """The file stem of a kernel's group: its phase, activation and dtype, then its key."""
     entry = repr(_acts.ACTIVATIONS[activation]) if activation else ""
-    key = hashlib.sha256(generator_stamp() + f"{phase} {entry} {dtype}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(generator_stamp() + f"{phase} {entry} {dtype} {cpu_target()}".encode()).hexdigest()[:20]
     return "_".join(part for part in (phase, activation, dtype, key) if part)
 
 
@@ -212,8 +252,8 @@ def read_record(path: str) -> tuple[dict | None, str | None]:
         return None, f"{path} is damaged ({type(exc).__name__}: {exc})"
 
 
-def warn_rebuild(what: str, why: str) -> None:
-    warnings.warn(f"fusedlinear: cached CPU {what} is damaged: {why}; rebuilding it", RuntimeWarning,
+def warn_rebuild(what: str, why: str, state: str = "is damaged") -> None:
+    warnings.warn(f"fusedlinear: cached CPU {what} {state}: {why}; rebuilding it", RuntimeWarning,
                   stacklevel=3)
 
 
@@ -232,7 +272,8 @@ def load_native(phase: str, activation: str | None, dtype: str) -> int | None:
         return None
     stem = os.path.join(cache_dir(), kernel_name(phase, activation, dtype))
     record, _ = read_manifest(stem)
-    if record is None or not record.get("native") or not record.get("symbol"):
+    if record is None or not record.get("native") or not record.get("symbol") \
+            or record.get("target") != cpu_target():  # built for another CPU: Numba's path rebuilds it
         return None
     try:
         lib = _native_libs.get(stem) or ctypes.CDLL(os.path.join(os.path.dirname(stem), record["native"]))

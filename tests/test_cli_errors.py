@@ -112,3 +112,38 @@ def test_ctrl_c_during_train_says_one_line_and_exits_130(tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
     assert err.startswith("fusedlinear train: interrupted (Ctrl-C); nothing saved") and str(tmp_path / "m.pt") in err
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file left behind
+
+
+# Ctrl-C at a fixed moment of the startup: a sitecustomize sends this process SIGINT as torch's
+# import begins (the ~0.5 s a user is most likely to hit), whichever way the command is started.
+_INTERRUPT_AT_TORCH = """
+import os, signal, sys
+
+class _Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _Interrupt())
+"""
+
+
+@pytest.mark.parametrize("how", ["module", "console script"])
+def test_ctrl_c_while_the_command_imports_torch_is_one_line_and_130(tmp_path, how):
+    (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_AT_TORCH)
+    script = os.path.join(os.path.dirname(sys.executable), "fusedlinear")
+    if how == "console script" and not os.path.exists(script):
+        pytest.skip("no fusedlinear console script beside this Python (not pip-installed)")
+    command = [sys.executable, "-m", "fusedlinear", "info"] if how == "module" else [sys.executable, script, "info"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr == "fusedlinear: interrupted (Ctrl-C) while starting; nothing done\n" and proc.stdout == ""
+
+
+def test_importing_the_library_leaves_ctrl_c_alone():
+    code = "import signal, fusedlinear; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]

@@ -136,9 +136,9 @@ def test_module_built_on_meta_then_to_empty_computes_like_linear():
 # ---- 5. destructive: the CLI's atomic writes replace links, devices and modes -----------------
 
 
-@pytest.mark.xfail(strict=True, reason="src/fusedlinear/report.py atomic_write os.replace()s the path itself: a "
-                   "symlink (or /dev/stdout, a FIFO, a device: 'train --json /dev/full' replaced the device node "
-                   "as root and said 'wrote') is replaced by a regular file and its target never written")
+# Fixed: report.py atomic_write os.replace()d the path itself: a symlink (or /dev/stdout, a FIFO, a
+# device: 'train --json /dev/full' replaced the device node as root and said 'wrote') became a
+# regular file and its target was never written.
 def test_save_json_through_a_symlink_writes_the_target(tmp_path):
     from fusedlinear.train import save_json
 
@@ -151,17 +151,64 @@ def test_save_json_through_a_symlink_writes_the_target(tmp_path):
     assert '"a": 1' in target.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="report.py atomic_write uses mkstemp (mode 0600): --save/--json/--plot "
-                   "files are unreadable to group/others, unlike torch.save/open() under the umask")
-def test_saved_files_follow_the_umask(tmp_path):
+def test_save_json_into_a_fifo_writes_through_it(tmp_path):
+    import threading
+
     from fusedlinear.train import save_json
 
-    old = os.umask(0o022)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    save_json({"a": 1}, str(fifo))
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert got and b'"a": 1' in got[0]
+
+
+def test_save_json_to_dev_null_and_through_a_link_to_it(tmp_path):
+    from fusedlinear.train import save_json
+
+    before = os.stat("/dev/null")
+    save_json({"a": 1}, "/dev/null")
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    save_json({"a": 1}, str(link))
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino and link.is_symlink()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_atomic_write_refuses_a_directory(tmp_path):
+    from fusedlinear.report import atomic_write
+
+    with pytest.raises(IsADirectoryError, match="name a file inside it"):
+        atomic_write(str(tmp_path), lambda f: f.write(b"x"))
+
+
+# Fixed: atomic_write used mkstemp's mode 0600: --save/--json/--plot files were unreadable to
+# group/others, unlike torch.save/open() under the umask.
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_follow_the_umask(tmp_path, umask, mode):
+    from fusedlinear.train import save_json
+
+    old = os.umask(umask)
     try:
         save_json({"a": 1}, str(tmp_path / "s.json"))
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "s.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "s.json").st_mode) == mode
+
+
+def test_saving_over_a_file_keeps_its_mode(tmp_path):
+    from fusedlinear.train import save_json
+
+    path = tmp_path / "s.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    save_json({"a": 1}, str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 and '"a": 1' in path.read_text()
 
 
 # ---- 6. crash (SIGILL elsewhere): native kernels are built for this CPU, keyed by no CPU ------
@@ -177,10 +224,6 @@ def _avx512_host() -> bool:
 
 @pytest.mark.skipif(not (_avx512_host() and shutil.which("objdump") and shutil.which("cc")),
                     reason="needs an AVX-512 host, objdump and a C compiler")
-@pytest.mark.xfail(strict=True, reason="kernels/cpu.py _build_native targets ll.get_host_cpu_name()/features and "
-                   "ignores NUMBA_CPU_NAME=generic (Numba's documented way to make a portable cache); the cache key "
-                   "(cpu_cache.kernel_name) has no CPU, so a cache shared with an AVX2-only machine loads AVX-512 "
-                   "code with ctypes: SIGILL")
 def test_native_kernels_respect_numba_cpu_name(tmp_path):
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     code = ("import warnings; warnings.simplefilter('ignore')\n"

@@ -344,3 +344,27 @@ def test_a_damaged_tuning_file_is_measured_again_with_one_warning(fresh_tuning, 
     restart()
     _layer_call()  # whole again
     assert len(timed) == 2 * first
+
+
+@pytest.mark.slow
+def test_kernels_built_for_another_cpu_are_never_loaded(tmp_path):
+    # NUMBA_CPU_NAME=generic stands in for another machine's CPU sharing the cache directory.
+    other, _ = _run(tmp_path, NUMBA_CPU_NAME="generic")
+    generic = _manifests(tmp_path)
+    assert all("cpu generic features " in m["target"] for m in generic.values())
+    host, host_err = _run(tmp_path, report="report")  # the generic groups are not this host's: compiled again
+    assert host["numba"] and "compiling CPU kernels" in host_err and host["diff"] < TOL
+    assert "rebuilding" not in host_err  # each CPU has its own groups: Numba never rewrites another's index
+    mine = {stem: m for stem, m in _manifests(tmp_path).items() if stem not in generic}
+    assert len(mine) == len(generic) and all("cpu host features host" in m["target"] for m in mine.values())
+    # A group under this host's name whose manifest says another CPU (a cache copied from elsewhere)
+    # is neither loaded natively nor through Numba: rebuilt, with one warning.
+    for stem, m in mine.items():
+        (tmp_path / "fusedlinear-cpu" / f"{stem}.json").write_text(json.dumps({**m, "target": generic[next(iter(generic))]["target"]}))
+    again, again_err = _run(tmp_path)
+    assert again["numba"] and again["diff"] == host["diff"]
+    assert again_err.count("was built for another CPU") == len(mine), again_err[-2000:]
+    warm, warm_err = _run(tmp_path)
+    assert not warm["numba"] and "fusedlinear" not in warm_err
+    back, back_err = _run(tmp_path, NUMBA_CPU_NAME="generic")  # the other CPU's groups are still whole
+    assert not back["numba"] and "fusedlinear" not in back_err and back["diff"] == other["diff"]

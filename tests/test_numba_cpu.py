@@ -78,8 +78,9 @@ def test_scipy_blas_through_cython_blas_when_the_bundled_library_is_not_found(mo
     monkeypatch.setattr(blas, "_bundled", lambda: None)
     fallback = (blas.scipy_gemm_addresses(), blas.scipy_openblas_core(), blas.scipy_openblas_version())
     assert fallback[1:] == direct[1:] and direct[1] != ""
-    blas.limit_scipy_blas_threads()
+    previous = blas.scipy_blas_threads(1)
     assert blas._scipy_openblas().num_threads == 1
+    assert blas.scipy_blas_threads(previous) == 1 and blas._scipy_openblas().num_threads == previous
     rng = np.random.default_rng(0)
     a, b = np.asfortranarray(rng.standard_normal((3, 4))), np.asfortranarray(rng.standard_normal((4, 5)))
     for addresses in (direct[0], fallback[0]):
@@ -92,3 +93,31 @@ def test_scipy_blas_through_cython_blas_when_the_bundled_library_is_not_found(mo
         dgemm(p(n), p(n), p(ints[0]), p(ints[1]), p(ints[2]), p(one), p(a), p(ints[3]), p(b), p(ints[4]),
               p(zero), p(c), p(ints[5]))
         np.testing.assert_allclose(c, a @ b, rtol=1e-12, atol=1e-12)  # float64, 4 terms: rounding only
+
+
+_SCIPY_THREADS_AFTER_FUSED_CALLS = r"""
+import torch
+import fusedlinear
+from fusedlinear.kernels import blas
+
+blas.scipy_blas_threads(3)  # the user's choice, before the first fused call
+x = torch.randn(96, 200, dtype=torch.float64, requires_grad=True)
+w = torch.randn(150, 200, dtype=torch.float64, requires_grad=True)
+counts = []
+for threads in (1, 2):  # on this thread, and on PyTorch's team (2*96*200*150 flops: the parallel path)
+    torch.set_num_threads(threads)
+    fusedlinear.fused_linear(x, w, None, "gelu").sum().backward()
+    counts.append(blas.scipy_blas_threads(3))
+print(counts)
+"""
+
+
+@pytest.mark.skipif(backend.select(torch.device("cpu"), torch.float32) != "numba", reason="the numba backend is not the CPU backend here")
+def test_fused_calls_leave_scipys_blas_threads_as_the_user_set_them():
+    """The kernels hold scipy's OpenBLAS to one thread only while they run (its count is
+    process-wide): afterwards the user's scipy.linalg has its own count back. A fresh process: the
+    first fused call is the one that once set it to 1 for good."""
+    out = subprocess.run([sys.executable, "-c", _SCIPY_THREADS_AFTER_FUSED_CALLS], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "FUSEDLINEAR_BACKEND": "numba"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[3, 3]", out.stderr[-2000:]

@@ -4,6 +4,8 @@ Numba kernels on the CPU, CuPy raw-CUDA kernels on NVIDIA GPUs, plain PyTorch as
 nothing to compile at install. See README.md.
 """
 
+from . import _startup  # noqa: F401  first: Ctrl-C during the command's imports below is one line
+
 from .backend import available as available_backends
 from .backend import use_backend
 from .kernels import NAMES as ACTIVATIONS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import stat
 import tempfile
 
 
@@ -35,16 +36,37 @@ def number(kind, minimum):
 positive_int = number(int, minimum=1)
 
 
+def output_target(path: str) -> tuple[str, bool]:
+    """Where an output named ``path`` is written (report.atomic_write): its symlinks followed one at
+    a time; and whether it is written in place — a FIFO, a device, or a step through ``/proc``
+    (``/dev/stdout``, ``/dev/fd/N``: an open descriptor, not a name) — not renamed over."""
+    path = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a symlink chain
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if path.startswith("/proc/"):
+            return path, os.path.exists(path)
+        if not os.path.islink(path):
+            return path, os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise OSError(f"too many levels of symbolic links in {path!r}")
+
+
 def writable_file(text: str) -> str:
     """An argparse type: a file path whose directory exists and may be written (checked before
-    any work, so a long run does not end in a failed save)."""
-    directory = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text):
+    any work, so a long run does not end in a failed save); or a FIFO or character device that
+    may be written (written in place)."""
+    target, in_place = output_target(text)
+    directory = os.path.dirname(target)
+    if os.path.isdir(target):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name in it")
     if not os.path.isdir(directory):
         raise argparse.ArgumentTypeError(f"{text!r}: directory {directory} does not exist; create it first")
-    if os.path.exists(text) and not os.access(text, os.W_OK):
+    if os.path.exists(target) and not os.access(target, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r} cannot be written here; choose a writable path")
+    if in_place:
+        if stat.S_ISBLK(os.stat(target).st_mode):
+            raise argparse.ArgumentTypeError(f"{text!r} is a block device (a disk); give a regular file")
+        return text
     try:  # a real write, as the save will do (os.access says yes to root on /proc and read-only mounts)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".fusedlinear-check-"):
             pass

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import __version__, backend, bench, distributed, mnist, parity_command, train
+from . import __version__, _startup, backend, bench, distributed, mnist, parity_command, train
 from .argtypes import UsageError, seed, writable_file
 from .backend import cupy_cuda, numba_cpu
 from .kernels import tiling as numba_tiling
@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.written = []  # the files train has finished writing, for the Ctrl-C line
     try:
+        _startup.done()  # from here on Ctrl-C is a KeyboardInterrupt, reported below
         _check_environment()
         return {"train": cmd_train, "info": cmd_info}.get(args.command, getattr(args, "func", None))(args)
     except UsageError as exc:

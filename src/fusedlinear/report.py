@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import tempfile
 
 import numpy
 import torch
 
+from .argtypes import output_target
 from .backend import numba_cpu
 
 DTYPES = {str(dtype).removeprefix("torch."): dtype
@@ -49,14 +51,39 @@ def machine_info() -> dict:
 
 
 def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write through a temporary file in the same directory, then rename: never a half-written file.
+
+    A symlink is followed (its target is replaced, the link stays). A path that is no regular file's
+    name (a FIFO, a character device such as /dev/null, /dev/stdout) is written directly, appending,
+    as a shell's ``>>`` would: renaming over it would replace the device node or the pipe itself.
+    A new file gets ``0o666 & ~umask`` like ``open()``; a replaced one keeps its mode."""
+    target, in_place = output_target(path)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a directory; name a file inside it")
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        raise OSError(f"refusing to write {path!r}: it is a block device (a disk); name a regular file")
+    if in_place:
+        with open(path, "ab") as f:
+            write(f)
+        return
+    directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    else:
+        umask = os.umask(0o022)  # the only way to read it; set back at once
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(target))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600
             write(f)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
