@@ -109,8 +109,11 @@ def test_ctrl_c_during_train_says_one_line_and_exits_130(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
-    assert err.startswith("fusedlinear train: interrupted (Ctrl-C); nothing saved") and str(tmp_path / "m.pt") in err
+    # Before the interrupt, stderr may hold the one-time notices of a cold kernel cache (compiling,
+    # timing the BLAS choice: "fusedlinear: ..."); the interrupt itself is one line, the last.
+    *before, last = err.strip().splitlines()
+    assert "Traceback" not in err and not any("interrupt" in line.lower() for line in before), err[-2000:]
+    assert last.startswith("fusedlinear train: interrupted (Ctrl-C); nothing saved") and str(tmp_path / "m.pt") in last
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file left behind
 
 
