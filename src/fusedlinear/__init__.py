@@ -9,37 +9,12 @@ from . import _startup  # noqa: F401  first: Ctrl-C during the command's imports
 from .backend import available as available_backends
 from .backend import use_backend
 from .kernels import NAMES as ACTIVATIONS
-from .torch_ext import (
-    FusedLinear,
-    FusedLinearFunction,
-    FusedLinearGELU,
-    FusedLinearLeakyReLU,
-    FusedLinearReLU,
-    FusedLinearSigmoid,
-    FusedLinearSiLU,
-    FusedLinearTanh,
-    FusedLinearQuickGELU,
-    FusedLinearFastGELU,
-    FusedLinearReLU6,
-    FusedLinearReLU2,
-    FusedLinearHardswish,
-    FusedLinearHardsigmoid,
-    FusedLinearMish,
-    FusedLinearSoftplus,
-    FusedActivation,
-    FusedSequential,
-    FuseReport,
-    fuse,
-    fused_chain,
-    fused_linear,
-    unfuse,
-)
+from . import torch_ext
+from .torch_ext import *  # noqa: F401,F403  the layers, fuse and the functional API (torch_ext.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ACTIVATIONS", "FusedLinear", "FusedLinearFunction", "FusedLinearGELU", "FusedLinearLeakyReLU",
-    "FusedLinearReLU", "FusedLinearSigmoid", "FusedLinearSiLU", "FusedLinearTanh", "FusedLinearQuickGELU", "FusedLinearFastGELU", "FusedLinearReLU6", "FusedLinearReLU2", "FusedLinearHardswish", "FusedLinearHardsigmoid", "FusedLinearMish", "FusedLinearSoftplus", "FusedActivation",
-    "FusedSequential", "FuseReport",
-    "available_backends", "fuse", "fused_chain", "fused_linear", "unfuse", "use_backend", "__version__",
-]
+# torch_ext's public names (one list: a fused class added there is exported here too), less the
+# chain's autograd.Function, reached as fusedlinear.torch_ext.FusedChainFunction.
+__all__ = ["ACTIVATIONS", "available_backends", "use_backend", "__version__",
+           *(name for name in torch_ext.__all__ if name != "FusedChainFunction")]
