@@ -176,7 +176,7 @@ def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
     """BLAS takes 32-bit sizes; a larger problem runs through exact PyTorch ops (warned once).
     Tested with the limit lowered: a real one needs a > 8 GB tensor."""
     monkeypatch.setattr(numba_cpu, "SIZE_MAX", 50)
-    monkeypatch.setattr(backend, "_warned", set())  # backend.route warns once per process
+    monkeypatch.setattr(backend.notices, "_warned", set())  # backend.route warns once per process
     x, w, b = make_inputs((7,), 60, 5, torch.float64, seed=8)
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="32-bit"):

@@ -141,7 +141,7 @@ def test_stable_at_large_magnitudes(activation, dtype):
 def test_half_precision_falls_back_to_torch_with_a_warning(dtype, backends_ran):
     from fusedlinear import backend
 
-    backend._warned.clear()
+    backend.notices._warned.clear()
     x, w, b = make_inputs((8,), 16, 4, dtype)
     fusedlinear.fused_linear(x.float(), w.float(), b.float(), "gelu")  # the same call in float32 first ...
     assert backends_ran == [("numba", "forward")]
