@@ -163,6 +163,8 @@ def implementation(name: str) -> ModuleType:
 
 
 _chosen: dict[tuple, ModuleType] = {}  # (forced, device type, dtype) -> a kernel module select() chose
+_environ_get = os.environ.get
+_STRIDED = torch.strided
 
 
 # Layouts the torch backend computes exactly (F.linear and the matrix products of backward take them).
@@ -199,7 +201,9 @@ def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleTy
     """
     if graph:
         return implementation("torch")
-    if not (_dense(x) and _dense(w) and (b is None or _dense(b))):
+    # Row 2, inline (a call per tensor costs more than the test): strided and not nested.
+    if not (x.layout is _STRIDED and w.layout is _STRIDED and not (x.is_nested or w.is_nested)
+            and (b is None or (b.layout is _STRIDED and not b.is_nested))):
         if not front:
             for label, t in (("input", x), ("weight", w)):
                 if not (_dense(t) or t.layout in TORCH_LAYOUTS):
@@ -209,17 +213,23 @@ def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleTy
         return implementation("torch")
     if front:
         return None  # the call goes to the fused op, whose CPU/CUDA implementation asks again
-    if x.numel() == 0 or w.numel() == 0:
+    x_size, w_size = x.numel(), w.numel()
+    if x_size == 0 or w_size == 0:
         return implementation("torch")
-    key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)
-    module = _chosen.get(key)
+    # FUSEDLINEAR_BACKEND is read on every call (tests and users set it mid-process): once per op call.
+    device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    module = _chosen.get((_forced or _environ_get(ENV_VAR) or None, device, x.dtype))
     if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached
+        forced = forced_backend()
         name = select(x.device, x.dtype)
         module = implementation(name)
-        if name != "torch" or key[0]:
-            _chosen[key] = module
-    limit = getattr(module, "SIZE_MAX", None)
-    if limit is not None and max(*x.shape, *w.shape, *x.stride(), *w.stride()) > limit:
+        if name != "torch" or forced:
+            _chosen[(forced, device, x.dtype)] = module
+    limit = vars(module).get("SIZE_MAX")  # read per call (tests lower it); getattr of a missing name raises inside
+    # The cheap first test holds whenever the exact second one does (no dimension is 0 here: each is at
+    # most its tensor's numel), so most calls stop at it.
+    if (limit is not None and (x_size > limit or w_size > limit or max(x.stride()) > limit or max(w.stride()) > limit)
+            and max(*x.shape, *w.shape, *x.stride(), *w.stride()) > limit):
         warn_once(("too large", module.__name__),
                    f"fusedlinear: a dimension exceeds {module.__name__.rsplit('.', 1)[-1]}'s limit ({limit}, BLAS's "
                    f"32-bit ints); such calls run through plain PyTorch ops (backend 'torch')")

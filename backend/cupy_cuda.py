@@ -78,14 +78,15 @@ def gpu_launch(plan, buffers: dict, device: torch.device) -> None:
     if reason:
         raise RuntimeError(f"fusedlinear backend 'cupy': {reason}; or use use_backend('torch')")
     index = device.index
-    stream = torch.cuda.current_stream(device).cuda_stream  # public API (a private raw-stream call broke across releases)
     if _one_device is None:
         _one_device = torch.cuda.device_count() == 1
     if _one_device or index == torch.cuda.current_device():
+        # public API (a private raw-stream call broke across releases); no device argument to parse
+        stream = torch.cuda.current_stream().cuda_stream
         _cuda.run_plan(plan, buffers, index, stream)
     else:
         with torch.cuda.device(index):
-            _cuda.run_plan(plan, buffers, index, stream)
+            _cuda.run_plan(plan, buffers, index, torch.cuda.current_stream().cuda_stream)
 
 
 def vendor_forward(x, w, b, activation, slope, launch):
@@ -115,7 +116,7 @@ def _grad_pass(grad, saved, x, activation, slope, mask, launch, rows_needed=Fals
     in_place = activation == "identity" and not (rows_needed and not _rows_readable(grad))
     want_dz = (mask[0] or mask[1]) and not in_place
     want_db = bool(mask[2])
-    dz = grad if in_place else (x.new_empty((m, n)) if want_dz else None)
+    dz = grad if in_place else (x.new_empty(m, n) if want_dz else None)
     db = x.new_empty(n) if want_db else x.new_empty(0)
     if want_dz or want_db:
         buffers = {"da": grad, "db": db}
@@ -144,8 +145,8 @@ def own_forward(x, w, b, activation, slope, launch):
     (m, k), n = x.shape, w.shape[0]
     xk, ldx, _ = matrix_operand(x, transposed_ok=False)
     wk, ldw, _ = matrix_operand(w, transposed_ok=False)
-    a = x.new_empty((m, n))
-    z = x.new_empty((m, n)) if _SAVES[activation] == "z" else x.new_empty(0)
+    a = x.new_empty(m, n)
+    z = x.new_empty(m, n) if _SAVES[activation] == "z" else x.new_empty(0)
     buffers = {"a": a, "z": z, "x": xk, "w": wk}
     if b is not None:
         buffers["b"] = b if b.is_contiguous() else b.contiguous()
@@ -161,8 +162,8 @@ def own_backward(grad, saved, x, w, activation, slope, mask, launch):
         return vendor_backward(grad, saved, x, w, activation, slope, mask, launch)
     (m, k), n = x.shape, w.shape[0]
     dz, db = _grad_pass(grad, saved, x, activation, slope, mask, launch, rows_needed=True)
-    dx = x.new_empty((m, k)) if mask[0] else x.new_empty(0)
-    dw = x.new_empty((n, k)) if mask[1] else x.new_empty(0)
+    dx = x.new_empty(m, k) if mask[0] else x.new_empty(0)
+    dw = x.new_empty(n, k) if mask[1] else x.new_empty(0)
     if mask[0] or mask[1]:
         dz, ld_dz, _ = matrix_operand(dz, transposed_ok=False)  # never copies: see rows_needed
         xk, ldx, _ = matrix_operand(x, transposed_ok=False)

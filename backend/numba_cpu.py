@@ -464,6 +464,10 @@ def _cached_plan(x, w, b, activation, slope, mask) -> Plan | None:
     if plan is None:
         plan = _plan(x, w, b, activation, slope, mask)
         if plan is not None and plan.kept:
+            # Each parameter block as an array once: a call copies it (0.16 us) instead of
+            # converting a tuple of 31 ints (0.8 us per launch).
+            plan = plan._replace(launches=tuple((address, call, array.array("q", template), parallel)
+                                                for address, call, template, parallel in plan.launches))
             with _plans_lock:
                 while len(_plans) >= _MAX_PLANS:
                     del _plans[next(iter(_plans))]  # the oldest; a call holding it runs on
@@ -475,18 +479,19 @@ def forward(x, w, b, activation, slope):
     """A = g(X Wᵀ + b) (and Z when the activation's derivative needs it) in one kernel call."""
     plan = _cached_plan(x, w, b, activation, slope, None)  # held until the kernels have returned
     assert plan is not None, "backend.route sends sizes over SIZE_MAX to the torch backend"
-    (m, k), n = x.shape, w.shape[0]
+    m, n = x.shape[0], w.shape[0]
     xk = matrix_operand(x)[0]
-    a = x.new_empty((m, n))
-    z = x.new_empty((m, n) if plan.keeps_z else 0)
+    a = x.new_empty(m, n)  # sizes as ints, not a tuple: 1.0 vs 1.6 us per allocation
+    z = x.new_empty(m, n) if plan.keeps_z else x.new_empty(0)
     _run_forward(plan, xk, a, z)
     return a, z
 
 
 def _run_forward(plan, xk, a, z):
+    x_ptr, a_ptr, z_ptr = xk.data_ptr(), a.data_ptr(), z.data_ptr() if plan.keeps_z else 0
     for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
-        p[P_X], p[P_A], p[P_Z] = xk.data_ptr(), a.data_ptr(), z.data_ptr() if plan.keeps_z else 0
+        p[P_X], p[P_A], p[P_Z] = x_ptr, a_ptr, z_ptr
         _launch(address, call, p, parallel)
 
 
@@ -499,20 +504,20 @@ def backward(grad, saved, x, w, activation, slope, mask):
     xk = matrix_operand(x)[0]
     grad = grad.contiguous()
     saved = saved.contiguous()
-    dz = x.new_empty((m, n))
-    dx = x.new_empty((m, k) if mask[0] else 0)
-    dw = x.new_empty((n, k) if mask[1] else 0)
-    db = x.new_empty(n if mask[2] else 0)
+    dz = x.new_empty(m, n)
+    dx = x.new_empty(m, k) if mask[0] else x.new_empty(0)
+    dw = x.new_empty(n, k) if mask[1] else x.new_empty(0)
+    db = x.new_empty(n) if mask[2] else x.new_empty(0)
     _run_backward(plan, xk, grad, saved, dz, dx, dw, db, mask)
     return dx, dw, db
 
 
 def _run_backward(plan, xk, grad, saved, dz, dx, dw, db, mask):
+    pointers = (xk.data_ptr(), grad.data_ptr(), saved.data_ptr() if saved.numel() else 0, dz.data_ptr(),
+                dx.data_ptr() if mask[0] else 0, dw.data_ptr() if mask[1] else 0, db.data_ptr() if mask[2] else 0)
     for address, call, template, parallel in plan.launches:
         p = array.array("q", template)
-        p[P_X], p[P_DA], p[P_SAVED], p[P_DZ] = xk.data_ptr(), grad.data_ptr(), saved.data_ptr() if saved.numel() else 0, dz.data_ptr()
-        p[P_DX], p[P_DW], p[P_DB] = (dx.data_ptr() if mask[0] else 0, dw.data_ptr() if mask[1] else 0,
-                                     db.data_ptr() if mask[2] else 0)
+        p[P_X], p[P_DA], p[P_SAVED], p[P_DZ], p[P_DX], p[P_DW], p[P_DB] = pointers
         _launch(address, call, p, parallel)
 
 
