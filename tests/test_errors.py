@@ -189,3 +189,57 @@ def test_op_slope_is_a_float_by_its_schema():
     slope = torch.tensor(0.25)
     got = torch.ops.fusedlinear.linear_act(X, W, B, "leaky_relu", slope)[0]
     torch.testing.assert_close(got, fused_linear(X, W, B, "leaky_relu", 0.25), rtol=0, atol=0)
+
+
+# ---- the fast checks never pass what the full checks refuse --------------------------------------
+
+
+def _variants():
+    """(input, weight, bias, activation, slope): one valid call on CUDA tensors (fake: this build
+    has no CUDA) and one on CPU tensors, and each with one thing wrong. Every tensor is made new
+    (views of a fake CUDA tensor need a CUDA build)."""
+    for device in ("cuda", "cpu"):
+        def e(*shape, dtype=torch.float32, on=device):
+            return torch.empty(shape, dtype=dtype, device=on)
+
+        x, w, b = e(4, 3), e(5, 3), e(5)
+        yield x, w, b, "relu", 0.01
+        for other in ("cuda:1", "meta", "cpu" if device == "cuda" else "cuda"):
+            yield x, e(5, 3, on=other), b, "relu", 0.01
+            yield x, w, e(5, on=other), "relu", 0.01
+            yield e(4, 3, on=other), w, b, "relu", 0.01
+        yield e(4, 3, dtype=torch.float64), w, b, "relu", 0.01
+        yield x, w, e(5, dtype=torch.float64), "relu", 0.01
+        yield e(4, 3, dtype=torch.int64), e(5, 3, dtype=torch.int64), e(5, dtype=torch.int64), "relu", 0.01
+        yield x, e(5, 2), b, "relu", 0.01
+        yield x, w, e(4), "relu", 0.01
+        yield x, e(15), b, "relu", 0.01
+        yield x, w, b, "swish", 0.01
+        yield x, w, b, "leaky_relu", "0.1"
+        if device == "cpu":
+            yield x.to_sparse(), w, b, "relu", 0.01
+            yield x, w, b.to_sparse(), "relu", 0.01
+
+
+def test_fast_checks_agree_with_the_full_ones():
+    """_valid (forward) and _valid_backward take CPU and CUDA tensors on one device alike; whatever
+    they pass, the full checks (which name the problem) pass too, and what they refuse goes there."""
+    from fusedlinear.torch_ext import ops
+
+    passed = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for x, w, b, activation, slope in _variants():
+            if ops._valid(x, w, b, activation, slope):
+                passed.append(x.device)
+                ops._check(x, w, b, activation, slope, rows=True)  # must not raise
+                grad = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+                assert ops._valid_backward(grad, grad, x, w, activation, slope, [True] * 3)
+                for bad in (torch.empty(x.shape[0], 1, device=x.device), torch.empty(grad.shape, device="meta"),
+                            torch.empty(grad.shape, dtype=torch.float64, device=x.device)):
+                    assert not ops._valid_backward(bad, grad, x, w, activation, slope, [True] * 3)
+                    with pytest.raises((TypeError, ValueError)):
+                        ops._check_op_backward(bad, grad, x, w, activation, slope, [True] * 3)
+            else:
+                with pytest.raises((TypeError, ValueError, RuntimeError)):
+                    ops._check(x, w, b, activation, slope, rows=True)
+    assert [d.type for d in passed] == ["cuda", "cpu"]  # the valid call on each device, nothing else
