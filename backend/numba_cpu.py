@@ -57,7 +57,7 @@ from ..kernels import blas as _blas
 from ..kernels import cpu_cache
 from ..kernels import cpu_params as slots
 from ..kernels import tiling
-from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
+from ..kernels.cpu_params import P_A, P_BLAS_THREADS, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
 from .cpu_runtime import FORK
 from .notices import warn_once
 from .layout import matrix_operand
@@ -166,7 +166,7 @@ def _launch(address: int, call, params: array.array, parallel: bool) -> None:
     """Run the kernel at ``address`` (``call``: the same as a ctypes callable) on ``params``: on
     PyTorch's pool when ``parallel`` and more than one thread is set, else on this thread. Calls
     through OpenBLAS (no per-thread setter, unlike MKL's) hold it to one thread while they run."""
-    openblas = params[slots.P_BLAS_THREADS] == 0
+    openblas = params[P_BLAS_THREADS] == 0
     if openblas:
         _blas.pin_one_thread()
     try:

@@ -70,3 +70,35 @@ def test_compile_reports_the_eager_error():
     f = torch.compile(lambda x, w: fusedlinear.FusedLinearFunction.apply(x, w, None, "relu", 0.01), fullgraph=True)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"last dimension is 16.*in_features=15"):
         f(x, w[:, :15])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "leaky_relu"])
+def test_inference_mode_calls_the_op_without_a_node(activation):
+    """Under torch.inference_mode (no autograd, no forward AD) fused_linear and fused_chain call the
+    op itself, as compiled code does: same values as plain torch ops, same op (a dispatch mode sees
+    it), no autograd.Function in between."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, b = make_inputs((2, 3), 5, 4, torch.float64)
+    w2 = torch.randn(2, 4, dtype=torch.float64)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    applied = []
+    real_apply = fusedlinear.torch_ext.ops._LinearNode.apply
+    act = fusedlinear.backend.reference.FORWARD[activation]
+    with torch.inference_mode(), Record():
+        fusedlinear.torch_ext.ops._LinearNode.apply = lambda *a: applied.append(a) or real_apply(*a)
+        try:
+            out = fusedlinear.fused_linear(x, w, b, activation, 0.2)
+            chain = fusedlinear.fused_chain(x, [(w, b, activation, 0.2), (w2, None, "tanh", 0.0)])
+        finally:
+            fusedlinear.torch_ext.ops._LinearNode.apply = real_apply
+    assert out.is_inference() and applied == []
+    assert seen.count("fusedlinear.linear_act.default") == 3, seen
+    torch.testing.assert_close(out, act(x @ w.T + b, 0.2), rtol=1e-12, atol=1e-12)  # float64, rounding only
+    torch.testing.assert_close(chain, torch.tanh(act(x @ w.T + b, 0.2) @ w2.T), rtol=1e-12, atol=1e-12)
