@@ -231,14 +231,8 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, activation, negative_slope = inputs
-        a, z = output
-        kept = _kept(activation, a, z)
-        ctx.save_for_backward(input, weight, bias, kept)  # as _setup_context, written out: one call less
-        ctx.save_for_forward(input, weight, kept)
-        ctx.activation = activation
-        ctx.negative_slope = negative_slope
-        ctx.mark_non_differentiable(z)
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1], _kept(inputs[3], *output))
 
     backward = staticmethod(_backward)
 
