@@ -358,6 +358,33 @@ def test_every_layout_the_tuner_can_pick_computes_the_right_values(fresh_tuning,
         assert (1 in wholes) == (choice == "mkl/whole")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_one_thread_a_descheduled_run_does_not_look_slow(fresh_tuning, monkeypatch, threads):
+    """A shared machine that takes the CPU away for a second in every run: on one thread the
+    runs are timed in this thread's CPU time, and the choice is still measured; with a team
+    (wall time) every run looks too slow, and the table's choice is taken."""
+    import time as real_time
+    import types
+
+    from conftest import torch_threads
+    from fusedlinear.backend import numba_cpu
+
+    restart, _ = fresh_tuning
+    wall = [0.0]
+
+    def descheduled():  # each reading a second later than the last
+        wall[0] += 1.0
+        return wall[0]
+
+    monkeypatch.setattr(numba_cpu, "time", types.SimpleNamespace(perf_counter=descheduled, thread_time=real_time.thread_time))
+    results = []
+    time_plans = numba_cpu._time_plans
+    monkeypatch.setattr(numba_cpu, "_time_plans", lambda *args: results.append(time_plans(*args)) or results[-1])
+    with torch_threads(threads):
+        _layer_call()
+    assert results and (results[0] is not None) == (threads == 1)
+
+
 def test_a_damaged_tuning_file_is_measured_again_with_one_warning(fresh_tuning, tmp_path):
     restart, timed = fresh_tuning
     _layer_call()
