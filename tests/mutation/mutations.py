@@ -59,7 +59,8 @@ MUTATIONS = [
          bug="a tolerance far above rounding: a formula with a cut constant is taken for gelu_tanh"),
     # ---- kernels/cpu.py: the Numba kernels ----
     dict(id="cpu-db-whole-path", file="kernels/cpu.py",
-         old="if stage != 2 and P[P_DB] != 0:", new="if stage == 0 and P[P_DB] != 0:",
+         old="            elif stage != 2:\n",
+         new="            elif stage == 1:\n                grad(dz, dA, saved, 0, M, c0, c1, slope)\n            elif stage == 0:\n",
          tests=[T_PARITY, "-k", "thread_counts and mkl"],
          bug="db not computed in the split (whole-matrix MKL, >= 256 rows) backward path"),
     dict(id="cpu-dw-ld-of-x", file="kernels/cpu.py",
