@@ -16,11 +16,11 @@ What this layer does for the kernels:
   never get here: ``fusedlinear.backend.route`` sends them to the torch backend.
 * **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
   one thread) or PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
-  ``MKL_Set_Num_Threads_Local``, the per-thread setting); with MKL, large batches may use
-  whole-matrix multi-threaded MKL calls instead of tiles (``_whole``). Which library, and tiles of
-  column blocks or row bands, is chosen by measurement on a shape's first call and kept per
-  machine (``_choose``); ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces the library. BLAS takes
-  32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
+  ``MKL_Set_Num_Threads_Local``, the per-thread setting); with MKL on 2+ threads the GEMMs may
+  instead be whole-matrix multi-threaded MKL calls (``_whole``). Which library, and tiles of
+  column blocks or row bands or whole-matrix calls, is chosen by measurement on a shape's first
+  call and kept per machine (``_choose``); ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces the
+  library. BLAS takes 32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
 * **Kernels.** Loaded natively from the kernel cache when it holds them (ctypes, no Numba:
   kernels/cpu_cache.py), else through Numba (kernels/cpu.py), which compiles and caches them.
 * **Launch plans.** What a call's parameter blocks hold that does not change from step to step
