@@ -228,12 +228,12 @@ def _whole(parallel: bool) -> bool:
 # ---- the BLAS and tile layout, chosen by measurement ------------------------------------------
 # On a call signature's first plan, each candidate ("library/layout": the BLAS libraries found,
 # tiles of column blocks or of row bands, and with 2+ threads MKL's own threaded "whole"-matrix
-# calls) runs the real call on the real operands into scratch
-# outputs, TUNE_REPS times after one warm-up, taking turns; the fastest single run wins (other
-# processes' load only adds time; on one thread runs are timed in this thread's CPU time). Winners are kept per shape class (dtype, forward or which
-# gradients, rows rounded up to a power of two, N, K, threads) in a file in the kernel cache
-# named after the machine (``machine_key``: CPU model, vector width, library versions, kernel
-# sources), so a new CPU or library version tunes again.
+# calls) runs the real call on the real operands into scratch outputs, TUNE_REPS times after one
+# warm-up, taking turns; the fastest single run wins (other processes' load only adds time; on one
+# thread runs are timed in this thread's CPU time). Winners are kept per shape class (dtype,
+# forward or which gradients, rows rounded up to a power of two, N, K, threads) in a file in the
+# kernel cache named after the machine (``machine_key``: CPU model, vector width, library versions,
+# kernel sources, settings that force other code paths), so a new CPU or library version tunes again.
 # Bounded: at most TUNE_BUDGET_S of timing per process (then the table's choice, not recorded),
 # and a call whose single run exceeds TUNE_MAX_RUN_S is not timed further (table's choice,
 # recorded). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces the library (its layout by the table).
