@@ -16,11 +16,11 @@ What this layer does for the kernels:
   never get here: ``fusedlinear.backend.route`` sends them to the torch backend.
 * **BLAS.** Each tile is one single-threaded ``?gemm_`` call, into scipy's OpenBLAS (held to
   one thread) or PyTorch's own MKL (``libtorch_cpu`` exports ``sgemm_``/``dgemm_`` and
-  ``MKL_Set_Num_Threads_Local``, the per-thread setting); with MKL, large batches may use
-  whole-matrix multi-threaded MKL calls instead of tiles (``_whole``). Which library, and tiles of
-  column blocks or row bands, is chosen by measurement on a shape's first call and kept per
-  machine (``_choose``); ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces the library. BLAS takes
-  32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
+  ``MKL_Set_Num_Threads_Local``, the per-thread setting); with MKL on 2+ threads the GEMMs may
+  instead be whole-matrix multi-threaded MKL calls (``_whole``). Which library, and tiles of
+  column blocks or row bands or whole-matrix calls, is chosen by measurement on a shape's first
+  call and kept per machine (``_choose``); ``FUSEDLINEAR_CPU_BLAS=mkl|openblas`` forces the
+  library. BLAS takes 32-bit sizes (``SIZE_MAX``): ``route`` sends larger ones to the torch backend.
 * **Kernels.** Loaded natively from the kernel cache when it holds them (ctypes, no Numba:
   kernels/cpu_cache.py), else through Numba (kernels/cpu.py), which compiles and caches them.
 * **Launch plans.** What a call's parameter blocks hold that does not change from step to step
@@ -217,22 +217,23 @@ def _parallel(m: int, n: int, k: int, itemsize: int) -> bool:
     return 2 * m * n * k >= tiling.CPU_PARALLEL_MIN_FLOP or n * k * itemsize >= tiling.CPU_PARALLEL_MIN_WEIGHT_BYTES
 
 
-def _whole(mkl: bool, m: int, parallel: bool) -> bool:
-    """Large problems with MKL forced: whole-matrix BLAS calls (MKL's own threads, on PyTorch's
-    pool), then the element-wise stages in parallel tiles. Per-tile single-threaded MKL calls
-    each repack the shared operand, ~10% slower at B=1024 (2-core EPYC)."""
-    return (mkl and parallel and m >= tiling.CPU_WHOLE_MIN_ROWS and torch.get_num_threads() > 1
-            and not FORK.unsafe)  # MKL's own threads are OpenMP too: not in a forked child
+def _whole(parallel: bool) -> bool:
+    """Whether whole-matrix BLAS calls (layout "whole": MKL's own threads, on PyTorch's pool, then
+    the element-wise stages in parallel tiles) can run: a parallel call on 2+ threads, not in a
+    forked child (MKL's threads are OpenMP too). Per-tile single-threaded MKL calls each repack
+    the shared operand, ~10% slower at B=1024 (2-core EPYC); the tuner measures both."""
+    return parallel and torch.get_num_threads() > 1 and not FORK.unsafe
 
 
 # ---- the BLAS and tile layout, chosen by measurement ------------------------------------------
 # On a call signature's first plan, each candidate ("library/layout": the BLAS libraries found,
-# tiles of column blocks or of row bands) runs the real call on the real operands into scratch
-# outputs, TUNE_REPS times after one warm-up, taking turns; the fastest single run wins (other
-# processes' load only adds time). Winners are kept per shape class (dtype, forward or which
-# gradients, rows rounded up to a power of two, N, K, threads) in a file in the kernel cache
-# named after the machine (``machine_key``: CPU model, vector width, library versions, kernel
-# sources), so a new CPU or library version tunes again.
+# tiles of column blocks or of row bands, and with 2+ threads MKL's own threaded "whole"-matrix
+# calls) runs the real call on the real operands into scratch outputs, TUNE_REPS times after one
+# warm-up, taking turns; the fastest single run wins (other processes' load only adds time; on one
+# thread runs are timed in this thread's CPU time). Winners are kept per shape class (dtype,
+# forward or which gradients, rows rounded up to a power of two, N, K, threads) in a file in the
+# kernel cache named after the machine (``machine_key``: CPU model, vector width, library versions,
+# kernel sources, settings that force other code paths), so a new CPU or library version tunes again.
 # Bounded: at most TUNE_BUDGET_S of timing per process (then the table's choice, not recorded),
 # and a call whose single run exceeds TUNE_MAX_RUN_S is not timed further (table's choice,
 # recorded). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces the library (its layout by the table).
@@ -270,7 +271,9 @@ def machine_key() -> dict:
             "vector_bits": 512 if "avx512f" in flags else 256 if "avx2" in flags else 128,
             "torch": torch.__version__, "scipy": scipy.__version__, "libraries": sorted(libraries),
             "openblas": f"{libraries['openblas']['core']} {scipy_openblas_version()}",
-            "kernels": cpu_cache.generator_stamp().hex()[:16]}
+            "kernels": cpu_cache.generator_stamp().hex()[:16],
+            # what forces other code paths on the same CPU (e.g. AVX2 kernels on an AVX-512 one)
+            "forced": {v: os.environ[v] for v in ("MKL_ENABLE_INSTRUCTIONS", "NUMBA_CPU_NAME") if os.environ.get(v)}}
 
 
 def tuning_path() -> str | None:
@@ -297,6 +300,8 @@ def _choices() -> dict:
 def _table_choice(m: int, threads: int) -> str:
     """The choice without measuring: BLAS_CHOICE or the table (blas_functions), tiles by the table."""
     library = "mkl" if blas_functions(m)["threads_fn"] else "openblas"
+    if library == "mkl" and m >= tiling.CPU_WHOLE_MIN_ROWS and threads > 1:
+        return "mkl/whole"
     return f"{library}/{'bands' if m >= tiling.CPU_BAND_MIN_ROWS and threads > 1 else 'columns'}"
 
 
@@ -312,8 +317,10 @@ def _choose(x, w, b, activation, slope, mask) -> str:
     libraries = list(blas_libraries())
     if BLAS_CHOICE != "auto" or FORK.unsafe:
         return default
-    layouts = ["columns", "bands"] if threads > 1 and m >= 2 * threads else [default.split("/")[1]]
+    layouts = ["columns", "bands"] if threads > 1 and m >= 2 * threads else ["columns"]
     candidates = [f"{library}/{layout}" for library in libraries for layout in layouts]
+    if "mkl" in libraries and threads > 1 and _parallel(m, w.shape[0], x.shape[1], x.element_size()):
+        candidates.append("mkl/whole")  # OpenBLAS's own threads are a second pool: never whole
     if len(candidates) == 1:
         return candidates[0]
     key = _shape_class(x, w, mask)
@@ -352,13 +359,16 @@ def _time_plans(plans: dict, x, w, mask) -> dict | None:
             bufs = (grad, grad, x.new_empty((m, n)), x.new_empty((m, k) if mask[0] else 0),
                     x.new_empty((n, k) if mask[1] else 0), x.new_empty(n if mask[2] else 0))
             runs[name] = functools.partial(_run_backward, plan, xk, *bufs, mask)
+    # On one thread all of a run's work is on this thread: its CPU time leaves out the time the
+    # machine gives to other processes (a run descheduled on a shared box no longer looks slow).
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     samples = {name: [] for name in runs}
     for rep in range(TUNE_REPS + 1):  # the first round is a warm-up
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, wall = clock(), time.perf_counter()
             run()
-            elapsed = time.perf_counter() - start
-            _tuning["spent"] += elapsed
+            elapsed = clock() - start
+            _tuning["spent"] += time.perf_counter() - wall  # the budget bounds the caller's wait
             if elapsed > TUNE_MAX_RUN_S:
                 return None
             if rep:
@@ -412,7 +422,7 @@ def _plan(x, w, b, activation, slope, mask, choice: str | None = None) -> Plan |
     p[slots.P_SLOPE], keeps_z = _activation_slots(activation, slope)
     threads = torch.get_num_threads()
     parallel = _parallel(m, n, k, x.element_size())
-    whole = _whole(mkl, m, parallel)
+    whole = mkl and layout == "whole" and _whole(parallel)  # else (e.g. forked since the choice) tiles
     launches = []
 
     def launch(name, run_parallel, **values):

@@ -33,19 +33,10 @@ import torch
 from torch import nn
 
 import fusedlinear
-from fusedlinear.mnist import NeuralNetwork
+from fusedlinear.bench_worker import MNIST_LAYERS as LAYERS
+from fusedlinear.bench_worker import check_fused, mnist_problem, mnist_step
 
-LAYERS = ((784, 512), (512, 512), (512, 10))
-
-
-def _step(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+LR = 1e-4
 
 
 def _limit(model, batch, y):
@@ -60,7 +51,7 @@ def _limit(model, batch, y):
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=1e-4)
+    opt = torch.optim.SGD(params, lr=LR)
 
     def step():
         for i in range(3):
@@ -88,13 +79,11 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     for batch in (int(b) for b in args.batches.split(",")):
-        torch.manual_seed(0)
-        eager = NeuralNetwork()
-        fused = fusedlinear.fuse(copy.deepcopy(eager))
-        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        with torch.no_grad():
-            torch.testing.assert_close(fused(x), eager(x), atol=1e-4, rtol=1e-4)
-        fns = {"fused": _step(fused, x, y), "eager": _step(eager, x, y), "limit": _limit(copy.deepcopy(eager), batch, y)}
+        eager, x, y = mnist_problem(batch)
+        fused = fusedlinear.fuse(eager)  # a deep copy
+        check_fused(fused, eager, x)
+        fns = {"fused": mnist_step(fused, x, y, LR), "eager": mnist_step(eager, x, y, LR),
+               "limit": _limit(copy.deepcopy(eager), batch, y)}
         for fn in fns.values():  # warm-up (first calls compile or load kernels and plans)
             for _ in range(5):
                 fn()

@@ -41,8 +41,9 @@ CPU_OPENBLAS_MIN_ROWS = 64
 # (SkylakeX kernels) over eager: B=1 1.19 / 1.15, B=16 1.06 / 0.95, B=64 1.03 / 0.68 (2-core
 # EPYC, OPENBLAS_CORETYPE unset, 2026-11-28).
 OPENBLAS_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
-# With MKL forced, from this many rows on GEMMs run as whole-matrix multi-threaded calls and only
-# the element-wise stages are tiled (fusedlinear.backend.numba_cpu._whole).
+# When the layout is not measured (MKL forced, or the tuning budget spent), MKL calls from this
+# many rows on run as whole-matrix multi-threaded calls and only the element-wise stages are tiled
+# (layout "whole", fusedlinear.backend.numba_cpu._whole); measured, "whole" is one more candidate.
 CPU_WHOLE_MIN_ROWS = 256
 
 

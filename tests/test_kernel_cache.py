@@ -303,7 +303,7 @@ def test_blas_choice_is_measured_once_then_read_from_the_machines_file(fresh_tun
     assert numba_cpu._choices() == choices
 
 
-@pytest.mark.parametrize("changed", ["cpu", "vector_bits", "openblas", "torch"])
+@pytest.mark.parametrize("changed", ["cpu", "vector_bits", "openblas", "torch", "forced"])
 def test_another_cpu_or_library_version_tunes_again(fresh_tuning, tmp_path, monkeypatch, changed):
     from fusedlinear.backend import numba_cpu
 
@@ -329,6 +329,60 @@ def test_forced_blas_is_not_measured(fresh_tuning, monkeypatch):
     assert timed == []
     (plan,) = numba_cpu._plans.values()
     assert all(template[slots.P_GEMM] == numba_cpu.blas_libraries()["mkl"]["float32"] for _, _, template, _ in plan.launches)
+
+
+@pytest.mark.parametrize("choice", ["mkl/whole", "mkl/bands", "openblas/columns"])
+def test_every_layout_the_tuner_can_pick_computes_the_right_values(fresh_tuning, monkeypatch, choice):
+    """With 2 threads MKL's whole-matrix calls are a measured candidate beside the tiles (never
+    OpenBLAS's: its own threads would be a second pool); each choice runs, forward and backward,
+    float32 and float64, with the values of float64 PyTorch."""
+    import fusedlinear
+    from conftest import torch_threads
+    from fusedlinear.backend import numba_cpu
+    from fusedlinear.kernels import cpu_params as slots
+
+    restart, timed = fresh_tuning
+    with torch_threads(2):
+        numba_cpu.forward(torch.randn(300, 200), torch.randn(100, 200), None, "relu", 0.0)
+        assert set(timed) == {"mkl/whole", "mkl/columns", "mkl/bands", "openblas/columns", "openblas/bands"}
+        restart()
+        monkeypatch.setattr(numba_cpu, "_choose", lambda *args: choice)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+            x, w = torch.randn(300, 200, dtype=dtype), torch.randn(100, 200, dtype=dtype, requires_grad=True)
+            out = fusedlinear.fused_linear(x, w, None, "relu")
+            out.backward(torch.ones_like(out))
+            z = x.double() @ w.detach().double().T
+            torch.testing.assert_close(out.double(), z.relu(), atol=tol, rtol=tol)
+            torch.testing.assert_close(w.grad.double(), (z > 0).double().T @ x.double(), atol=tol * 10, rtol=tol)
+        wholes = {template[slots.P_WHOLE] for plan in numba_cpu._plans.values() for _, _, template, _ in plan.launches}
+        assert (1 in wholes) == (choice == "mkl/whole")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_one_thread_a_descheduled_run_does_not_look_slow(fresh_tuning, monkeypatch, threads):
+    """A shared machine that takes the CPU away for a second in every run: on one thread the
+    runs are timed in this thread's CPU time, and the choice is still measured; with a team
+    (wall time) every run looks too slow, and the table's choice is taken."""
+    import time as real_time
+    import types
+
+    from conftest import torch_threads
+    from fusedlinear.backend import numba_cpu
+
+    restart, _ = fresh_tuning
+    wall = [0.0]
+
+    def descheduled():  # each reading a second later than the last
+        wall[0] += 1.0
+        return wall[0]
+
+    monkeypatch.setattr(numba_cpu, "time", types.SimpleNamespace(perf_counter=descheduled, thread_time=real_time.thread_time))
+    results = []
+    time_plans = numba_cpu._time_plans
+    monkeypatch.setattr(numba_cpu, "_time_plans", lambda *args: results.append(time_plans(*args)) or results[-1])
+    with torch_threads(threads):
+        _layer_call()
+    assert results and (results[0] is not None) == (threads == 1)
 
 
 def test_a_damaged_tuning_file_is_measured_again_with_one_warning(fresh_tuning, tmp_path):

@@ -118,26 +118,42 @@ def _torch_layer(provider, batch, k, n, activation, mode):
     return fn
 
 
-def _torch_mnist(provider, batch, train: bool):
+def mnist_problem(batch):
+    """The MNIST benchmarks' problem, the same in every process: (the eager model, seeded; an
+    input batch; its labels). Shared with benchmarks/step_limit.py."""
     torch.manual_seed(0)
-    eager = NeuralNetwork()
-    model = _provider_model(provider, eager)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    if provider == "fused":
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
-    if not train:
-        def infer():
-            with torch.no_grad():
-                model(x)
-        return infer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    return NeuralNetwork(), torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+
+def check_fused(model, eager, x):
+    """Validate a fused model against its eager original before timing it."""
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), atol=1e-4, rtol=1e-4)
+
+
+def mnist_step(model, x, y, lr=1e-3):
+    """One training step of ``model`` as a training loop runs it: zero_grad (set to None),
+    forward, cross-entropy, backward, SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
 
     def step():
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return step
+
+
+def _torch_mnist(provider, batch, train: bool):
+    eager, x, y = mnist_problem(batch)
+    model = _provider_model(provider, eager)
+    if provider == "fused":
+        check_fused(model, eager, x)
+    if not train:
+        def infer():
+            with torch.no_grad():
+                model(x)
+        return infer
+    return mnist_step(model, x, y)
 
 
 def run_worker(spec: dict) -> dict:

@@ -59,7 +59,8 @@ MUTATIONS = [
          bug="a tolerance far above rounding: a formula with a cut constant is taken for gelu_tanh"),
     # ---- kernels/cpu.py: the Numba kernels ----
     dict(id="cpu-db-whole-path", file="kernels/cpu.py",
-         old="if stage != 2 and P[P_DB] != 0:", new="if stage == 0 and P[P_DB] != 0:",
+         old="            elif stage != 2:\n",
+         new="            elif stage == 1:\n                grad(dz, dA, saved, 0, M, c0, c1, slope)\n            elif stage == 0:\n",
          tests=[T_PARITY, "-k", "thread_counts and mkl"],
          bug="db not computed in the split (whole-matrix MKL, >= 256 rows) backward path"),
     dict(id="cpu-dw-ld-of-x", file="kernels/cpu.py",
@@ -79,10 +80,11 @@ MUTATIONS = [
          tests=[T_PARITY, "-k", "thread_counts"],
          bug="dX's row bands start at row r0 of dZ computed without its row length"),
     dict(id="cpu-db-input-dtype", file="kernels/cpu.py",
-         old="acc = np.zeros(c1 - c0, np.float64)", new="acc = np.zeros_like(dz[0, c0:c1])",
-         tests=[T_PARITY, "-k", "db"],
+         old="scratch = carray(f64_ptr(stack_address(2048)), (DB_CHUNK,))",
+         new="scratch = carray(typed_ptr(stack_address(2048), zero), (DB_CHUNK,))",
+         tests=["tests/test_numba_cpu.py", "-k", "float64"],
          bug="db summed in the input dtype, not float64 as documented: an identity layer with 10**6 float32 "
-             "rows of dA = 0.1 gives db = 100958.3 instead of 100000.0 (needs a test with M that large)"),
+             "rows of dA = 0.1 gives db = 100958.3 instead of 100000.0"),
     # ---- kernels/tiling.py: CUDA launch shapes ----
     dict(id="tiling-gemm-grid-rows", file="kernels/tiling.py",
          old="-(-m // CUDA_TILE_M)", new="m // CUDA_TILE_M",
