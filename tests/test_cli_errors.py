@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fusedlinear_cli
 
 CASES = [
     # (environment, arguments, what the one line must say)
@@ -46,14 +47,11 @@ CASES = [
 ]
 
 
-def _cli(env, args):
-    return subprocess.run([sys.executable, "-m", "fusedlinear", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
 
 
 @pytest.mark.parametrize("env, args, message", CASES, ids=[" ".join(c[1]) + (f" {c[0]}" if c[0] else "") for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(env, args, message):
-    out = _cli(env, args)
+    out = fusedlinear_cli(*args, env=env, timeout=300)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
@@ -61,7 +59,7 @@ def test_bad_input_is_one_line_and_exit_2(env, args, message):
 
 
 def test_compare_with_save_is_refused_before_training(tmp_path):
-    out = _cli({}, ["train", "--compare", "--save", str(tmp_path / "m.pt"), "--no-progress"])
+    out = fusedlinear_cli("train", "--compare", "--save", str(tmp_path / "m.pt"), "--no-progress", timeout=300)
     assert out.returncode == 2 and "--save needs a single training run: drop --compare" in out.stderr, out.stderr
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1  # nothing trained, nothing printed
     assert not (tmp_path / "m.pt").exists()
@@ -73,7 +71,7 @@ def test_unwritable_save_path_is_refused_before_training(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        out = _cli({}, ["train", "--save", str(locked / "m.pt"), "--no-progress"])
+        out = fusedlinear_cli("train", "--save", str(locked / "m.pt"), "--no-progress", timeout=300)
     finally:
         locked.chmod(0o700)
     assert out.returncode == 2 and "cannot be written here; choose a writable path" in out.stderr, out.stderr

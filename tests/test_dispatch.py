@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlinear
-from conftest import assert_close, make_inputs, reference
+from conftest import assert_close, make_inputs, reference, run_python
 from fusedlinear import backend
 from fusedlinear.backend import numba_cpu
 
@@ -144,9 +144,6 @@ def test_batched_gradients_never_reach_a_kernel_address(monkeypatch):
 # ---- BLAS ------------------------------------------------------------------------------------
 
 
-def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
 
 
 _WHICH_BLAS = ("import torch, fusedlinear; from fusedlinear.backend import numba_cpu; "
@@ -159,14 +156,14 @@ _WHICH_BLAS = ("import torch, fusedlinear; from fusedlinear.backend import numba
 def test_cpu_blas_environment_variable_for_real(choice, library):
     if choice == "mkl" and "mkl" not in numba_cpu.blas_libraries():
         pytest.skip("this PyTorch exports no MKL")
-    out = _python(_WHICH_BLAS, FUSEDLINEAR_CPU_BLAS=choice)
+    out = run_python(_WHICH_BLAS, FUSEDLINEAR_CPU_BLAS=choice)
     assert out.returncode == 0, out.stderr[-2000:]
     ok, small, large = out.stdout.strip().split("|")
     assert ok == "True" and small.startswith(library) and large.startswith(library), out.stdout
 
 
 def test_bad_cpu_blas_value_is_one_clear_error():
-    out = _python(_WHICH_BLAS, FUSEDLINEAR_CPU_BLAS="bogus")
+    out = run_python(_WHICH_BLAS, FUSEDLINEAR_CPU_BLAS="bogus")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert "FUSEDLINEAR_CPU_BLAS='bogus'" in last and "auto, mkl, openblas" in last, out.stderr[-2000:]

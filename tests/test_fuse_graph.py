@@ -12,55 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
-from conftest import TOL, autograd_nodes
+from conftest import BertIntermediate, BertLayer, BertOutput, F64, TOL, Tap, assert_same, autograd_nodes, check_fuse
 from fusedlinear import FusedActivation, FusedLinear, FusedSequential
 from fusedlinear.mnist import NeuralNetwork
 
-F64 = torch.float64
 
 
-def assert_same(model, fused, *inputs, seed=0):
-    """Output and every gradient (inputs and parameters, by name) of ``fused`` equal ``model``'s.
-    Both run from the same RNG state, so dropout draws the same masks."""
-    results = []
-    for m in (model, fused):
-        m.zero_grad(set_to_none=True)
-        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-        torch.manual_seed(seed)
-        out = m(*leaves)
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-        out.backward(grad)
-        results.append((out, [t.grad for t in leaves], {n: p.grad for n, p in m.named_parameters()}))
-    (out, dx, dp), (fout, fdx, fdp) = results
-    torch.testing.assert_close(fout, out, **TOL[F64])
-    for got, want in zip(fdx, dx):
-        if want is not None:
-            torch.testing.assert_close(got, want, **TOL[F64])
-    assert fdp.keys() == dp.keys()
-    for name in dp:
-        assert (dp[name] is None) == (fdp[name] is None), name
-        if dp[name] is not None:
-            torch.testing.assert_close(fdp[name], dp[name], **TOL[F64], msg=lambda m: f"grad of {name}: {m}")
 
 
-def check_fuse(model, *inputs, pairs, rewritten=None):
-    """fuse a copy; check values, gradients, keys, strict loading and the report; unfuse it back."""
-    model = model.double()
-    fused, report = fusedlinear.fuse(model, report=True)
-    assert len(report.fused) == pairs, str(report)
-    assert sum(isinstance(m, FusedLinear) for m in fused.modules()) == pairs, str(report)
-    if rewritten is not None:
-        assert report.rewritten == rewritten, str(report)
-    assert list(fused.state_dict()) == list(model.state_dict())
-    fused.load_state_dict(model.state_dict(), strict=True)
-    copy.deepcopy(model).load_state_dict(fused.state_dict(), strict=True)
-    assert_same(model, fused, *inputs)
-    plain = fusedlinear.unfuse(fused)
-    assert not any(isinstance(m, (FusedLinear, FusedActivation)) for m in plain.modules())
-    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
-    assert list(plain.state_dict()) == list(model.state_dict())
-    assert_same(model, plain, *inputs)
-    return fused, report
 
 
 # ---- models written like the real ones ------------------------------------------------------
@@ -127,34 +86,10 @@ def test_vit_block_in_training_mode():
     assert dict(report.left_alone)["0.attn.qkv"] == "no activation after it (its output goes to .reshape())"
 
 
-class BertIntermediate(nn.Module):
-    def __init__(self, hidden=12, intermediate=24):
-        super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
-
-    def forward(self, hidden_states):
-        return F.gelu(self.dense(hidden_states))
 
 
-class BertOutput(nn.Module):
-    def __init__(self, hidden=12, intermediate=24):
-        super().__init__()
-        self.dense = nn.Linear(intermediate, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden)
-        self.dropout = nn.Dropout(0.1)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
-class BertLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.intermediate = BertIntermediate()
-        self.output = BertOutput()
-
-    def forward(self, x):
-        return self.output(self.intermediate(x), x)
 
 
 def test_bert_layer_with_functional_gelu():
@@ -226,12 +161,6 @@ class Residual(nn.Sequential):
         return x + super().forward(x)
 
 
-class Tap(nn.Sequential):
-    """A Sequential subclass whose forward uses the first layer's output twice: not fusable."""
-
-    def forward(self, x):
-        h = self[0](x)
-        return self[2](self[1](h)) + h.sum(-1, keepdim=True)
 
 
 def test_sequential_subclasses_with_their_own_forward():

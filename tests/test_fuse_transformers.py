@@ -38,6 +38,7 @@ def _import_transformers():
 
 transformers = _import_transformers()
 from transformers.activations import ACT2CLS, ACT2FN  # noqa: E402
+from conftest import Formula
 
 # float64 through every layer: the fused kernels and PyTorch differ in summation order only
 # (K <= 64 terms of size O(1): ~1e-15 per layer), and two layers of attention and norms do not
@@ -164,13 +165,6 @@ def test_recogniser_on_every_act2cls_class(key):
         assert recognise(module)[0] == want
 
 
-class Formula(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 @pytest.mark.parametrize("fn,want", [

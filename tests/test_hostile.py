@@ -7,60 +7,54 @@ import torch
 from torch import nn
 
 import fusedlinear
-from conftest import reference
+from conftest import reference, seeded
 
 F32 = torch.float32
 
 
-def t(*shape, dtype=F32, seed=0, fill=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    if fill is not None:
-        x.view(-1)[::3] = fill
-    return x
 
 
-X, W, B = t(6, 5), t(4, 5, seed=1) / 3, t(4, seed=2)
+HX, HW, HB = seeded(6, 5), seeded(4, 5, seed=1) / 3, seeded(4, seed=2)
 
 # (id, input, weight, bias, activation, slope, expected exception type or None, message pattern)
-CASES = [
-    ("int64-input", X.long(), W, B, "relu", 0.01, TypeError, "torch.int64"),
-    ("int32-weight", X, W.int(), B, "relu", 0.01, TypeError, "torch.int32"),
-    ("uint8-bias", X, W, B.to(torch.uint8), "relu", 0.01, TypeError, "torch.uint8"),
-    ("bool-input", X.bool(), W, B, "relu", 0.01, TypeError, "torch.bool"),
-    ("complex-input", X.to(torch.complex64), W, B, "relu", 0.01, TypeError, "complex64"),
-    ("complex-weight", X, W.to(torch.complex128), B, "relu", 0.01, TypeError, "complex128"),
-    ("float16-cpu", X.half(), W.half(), B.half(), "gelu", 0.01, None, None),
-    ("bfloat16-cpu", X.bfloat16(), W.bfloat16(), B.bfloat16(), "silu", 0.01, None, None),
-    ("mixed-dtypes", X.double(), W, B, "relu", 0.01, TypeError, "float64 but weight"),
-    ("mixed-devices", X, W.to("meta"), B, "relu", 0.01, RuntimeError, "on meta"),
-    ("k-mismatch", t(6, 4), W, B, "relu", 0.01, ValueError, "in_features=5"),
-    ("bias-length", X, W, t(3), "relu", 0.01, ValueError, r"bias must have shape \(4,\)"),
-    ("weight-3d", X, t(1, 4, 5), B, "relu", 0.01, ValueError, "weight must be 2-D"),
-    ("scalar-input", torch.tensor(1.0), W, B, "relu", 0.01, ValueError, "at least 1 dimension"),
-    ("unknown-activation", X, W, B, "swish", 0.01, ValueError, "unknown activation 'swish'"),
-    ("batch-0", t(0, 5), W, B, "tanh", 0.01, None, None),
-    ("batch-0-4d", t(0, 3, 2, 5), W, B, "sigmoid", 0.01, None, None),
-    ("k-0-gives-bias", t(6, 0), t(4, 0), B, "gelu", 0.01, None, None),
-    ("n-0", X, t(0, 5), t(0), "relu", 0.01, None, None),
-    ("nan-relu", t(6, 5, fill=math.nan), W, B, "relu", 0.01, None, None),
-    ("nan-gelu", t(6, 5, fill=math.nan), W, B, "gelu", 0.01, None, None),
-    ("inf-relu", t(6, 5, fill=math.inf), W, B, "relu", 0.01, None, None),
-    ("neg-inf-sigmoid", t(6, 5, fill=-math.inf), W, B, "sigmoid", 0.01, None, None),
-    ("big-sigmoid", t(6, 5) * 1e4, W, B, "sigmoid", 0.01, None, None),
-    ("big-tanh", t(6, 5) * 1e4, W, B, "tanh", 0.01, None, None),
-    ("big-silu", t(6, 5) * 1e4, W, B, "silu", 0.01, None, None),
-    ("big-gelu", t(6, 5) * 1e4, W, B, "gelu", 0.01, None, None),
-    ("big-gelu-tanh", t(6, 5) * 1e4, W, B, "gelu_tanh", 0.01, None, None),
-    ("non-contiguous", t(6, 10)[:, ::2], W, B, "leaky_relu", 0.2, None, None),
-    ("expanded-stride-0", t(1, 5).expand(6, 5), W, B, "silu", 0.01, None, None),
-    ("transposed-both", t(5, 6).t(), t(5, 4, seed=1).t(), B, "tanh", 0.01, None, None),
-    ("nan-slope", X, W, B, "leaky_relu", math.nan, None, None),
-    ("string-slope", X, W, B, "leaky_relu", "0.1", TypeError, "negative_slope"),
+HOSTILE_CASES = [
+    ("int64-input", HX.long(), HW, HB, "relu", 0.01, TypeError, "torch.int64"),
+    ("int32-weight", HX, HW.int(), HB, "relu", 0.01, TypeError, "torch.int32"),
+    ("uint8-bias", HX, HW, HB.to(torch.uint8), "relu", 0.01, TypeError, "torch.uint8"),
+    ("bool-input", HX.bool(), HW, HB, "relu", 0.01, TypeError, "torch.bool"),
+    ("complex-input", HX.to(torch.complex64), HW, HB, "relu", 0.01, TypeError, "complex64"),
+    ("complex-weight", HX, HW.to(torch.complex128), HB, "relu", 0.01, TypeError, "complex128"),
+    ("float16-cpu", HX.half(), HW.half(), HB.half(), "gelu", 0.01, None, None),
+    ("bfloat16-cpu", HX.bfloat16(), HW.bfloat16(), HB.bfloat16(), "silu", 0.01, None, None),
+    ("mixed-dtypes", HX.double(), HW, HB, "relu", 0.01, TypeError, "float64 but weight"),
+    ("mixed-devices", HX, HW.to("meta"), HB, "relu", 0.01, RuntimeError, "on meta"),
+    ("k-mismatch", seeded(6, 4), HW, HB, "relu", 0.01, ValueError, "in_features=5"),
+    ("bias-length", HX, HW, seeded(3), "relu", 0.01, ValueError, r"bias must have shape \(4,\)"),
+    ("weight-3d", HX, seeded(1, 4, 5), HB, "relu", 0.01, ValueError, "weight must be 2-D"),
+    ("scalar-input", torch.tensor(1.0), HW, HB, "relu", 0.01, ValueError, "at least 1 dimension"),
+    ("unknown-activation", HX, HW, HB, "swish", 0.01, ValueError, "unknown activation 'swish'"),
+    ("batch-0", seeded(0, 5), HW, HB, "tanh", 0.01, None, None),
+    ("batch-0-4d", seeded(0, 3, 2, 5), HW, HB, "sigmoid", 0.01, None, None),
+    ("k-0-gives-bias", seeded(6, 0), seeded(4, 0), HB, "gelu", 0.01, None, None),
+    ("n-0", HX, seeded(0, 5), seeded(0), "relu", 0.01, None, None),
+    ("nan-relu", seeded(6, 5, fill=math.nan), HW, HB, "relu", 0.01, None, None),
+    ("nan-gelu", seeded(6, 5, fill=math.nan), HW, HB, "gelu", 0.01, None, None),
+    ("inf-relu", seeded(6, 5, fill=math.inf), HW, HB, "relu", 0.01, None, None),
+    ("neg-inf-sigmoid", seeded(6, 5, fill=-math.inf), HW, HB, "sigmoid", 0.01, None, None),
+    ("big-sigmoid", seeded(6, 5) * 1e4, HW, HB, "sigmoid", 0.01, None, None),
+    ("big-tanh", seeded(6, 5) * 1e4, HW, HB, "tanh", 0.01, None, None),
+    ("big-silu", seeded(6, 5) * 1e4, HW, HB, "silu", 0.01, None, None),
+    ("big-gelu", seeded(6, 5) * 1e4, HW, HB, "gelu", 0.01, None, None),
+    ("big-gelu-tanh", seeded(6, 5) * 1e4, HW, HB, "gelu_tanh", 0.01, None, None),
+    ("non-contiguous", seeded(6, 10)[:, ::2], HW, HB, "leaky_relu", 0.2, None, None),
+    ("expanded-stride-0", seeded(1, 5).expand(6, 5), HW, HB, "silu", 0.01, None, None),
+    ("transposed-both", seeded(5, 6).t(), seeded(5, 4, seed=1).t(), HB, "tanh", 0.01, None, None),
+    ("nan-slope", HX, HW, HB, "leaky_relu", math.nan, None, None),
+    ("string-slope", HX, HW, HB, "leaky_relu", "0.1", TypeError, "negative_slope"),
 ]
 
 
-@pytest.mark.parametrize("x,w,b,act,slope,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("x,w,b,act,slope,exc,pattern", [c[1:] for c in HOSTILE_CASES], ids=[c[0] for c in HOSTILE_CASES])
 def test_hostile_input(x, w, b, act, slope, exc, pattern):
     if exc is not None:
         with pytest.raises(exc, match=pattern):
@@ -106,7 +100,7 @@ def test_wrong_checkpoints_are_refused_and_change_nothing(tmp_path):
     train.save_state_dict(fused, path)
     plain = mnist.NeuralNetwork()
     plain.load_state_dict(torch.load(path), strict=True)
-    x = t(3, 1, 28, 28)
+    x = seeded(3, 1, 28, 28)
     torch.testing.assert_close(plain(x), fused(x), atol=1e-5, rtol=1e-5)  # float32, K = 784: summation order
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     wrong = dict(before, **{"linear_relu_stack.2.weight": torch.zeros(3, 512)})

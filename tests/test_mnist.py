@@ -12,6 +12,7 @@ from torch import nn
 
 import fusedlinear
 from fusedlinear import mnist, train
+from conftest import fusedlinear_cli, write_idx_set
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -66,23 +67,11 @@ def test_convergence_eager_vs_fused(dtype, tol):
         torch.testing.assert_close(p1, p0, rtol=tol, atol=tol)
 
 
-def _write_set(directory, n_train=20, n_test=10, gz=False, seed=0):
-    rng = np.random.default_rng(seed)
-    sfx = ".gz" if gz else ""
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for name, arr in arrays.items():
-        mnist.write_idx(os.path.join(directory, name + sfx), arr)
-    return arrays
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
 def test_idx_round_trip(tmp_path, gz):
-    arrays = _write_set(str(tmp_path), gz=gz)
+    arrays = write_idx_set(str(tmp_path), gz=gz)
     data = mnist.load_idx_dir(str(tmp_path))
     assert torch.equal(data.train_labels, torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)))
     expected = (torch.from_numpy(arrays["t10k-images-idx3-ubyte"].astype(np.float32)) / 255 - mnist.MEAN) / mnist.STD
@@ -110,7 +99,7 @@ def _corrupt(path, how):
     ("trailing", r"t10k-labels-idx1-ubyte .*trailing bytes"),
 ])
 def test_idx_errors_name_the_file(tmp_path, how, pattern):
-    _write_set(str(tmp_path))
+    write_idx_set(str(tmp_path))
     path = os.path.join(tmp_path, "t10k-labels-idx1-ubyte")
     if how == "missing":
         os.remove(path)
@@ -121,7 +110,7 @@ def test_idx_errors_name_the_file(tmp_path, how, pattern):
 
 
 def test_idx_corrupt_gzip_names_the_file(tmp_path):
-    _write_set(str(tmp_path), gz=True)
+    write_idx_set(str(tmp_path), gz=True)
     path = os.path.join(tmp_path, "train-images-idx3-ubyte.gz")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
@@ -136,15 +125,12 @@ def test_full_fashion_mnist_directory():
     assert torch.bincount(data.train_labels).tolist() == [6000] * 10
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fusedlinear", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow
 def test_default_train_reaches_target(tmp_path):
     """`fusedlinear train` as a new user runs it: >= 0.96 test accuracy on the bundled split."""
-    out = _cli("train", "--no-progress", "--json", str(tmp_path / "run.json"), "--save", str(tmp_path / "m.pt"))
+    out = fusedlinear_cli("train", "--no-progress", "--json", str(tmp_path / "run.json"), "--save", str(tmp_path / "m.pt"))
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "run.json").read_text())
     for key in ("test_accuracy", "final_loss", "epochs", "seconds", "samples_per_s", "device", "backend"):
@@ -158,8 +144,8 @@ def test_default_train_reaches_target(tmp_path):
 
 
 def test_compare_and_idx_dir_cli(tmp_path):
-    _write_set(str(tmp_path), n_train=64, n_test=32)
-    out = _cli("train", "--compare", "--epochs", "2", "--batch-size", "16", "--no-progress", "--data-dir",
+    write_idx_set(str(tmp_path), n_train=64, n_test=32)
+    out = fusedlinear_cli("train", "--compare", "--epochs", "2", "--batch-size", "16", "--no-progress", "--data-dir",
                str(tmp_path), "--json", str(tmp_path / "c.json"))
     assert out.returncode == 0, out.stderr
     assert "largest per-step loss difference" in out.stdout and "speed of eager" in out.stdout
@@ -174,19 +160,19 @@ def test_compare_and_idx_dir_cli(tmp_path):
     (["--device", "cuda:7"], "CUDA GPU(s); use --device cpu"),
 ])
 def test_cli_bad_options(args, message):
-    out = _cli("train", "--no-progress", *args)
+    out = fusedlinear_cli("train", "--no-progress", *args)
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
 def test_info_runs():
-    out = _cli("info")
+    out = fusedlinear_cli("info")
     assert out.returncode == 0, out.stderr
     assert "numba" in out.stdout and "cpu" in out.stdout and "JIT caches" in out.stdout
 
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    out = _cli("train", "--epochs", "2", "--no-progress", "--compare", "--plot", str(tmp_path / "curves.png"))
+    out = fusedlinear_cli("train", "--epochs", "2", "--no-progress", "--compare", "--plot", str(tmp_path / "curves.png"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -197,7 +183,7 @@ def test_plot_writes_a_png(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-idx")
-    _write_set(str(directory), n_train=64, n_test=32)
+    write_idx_set(str(directory), n_train=64, n_test=32)
     return str(directory)
 
 
@@ -230,7 +216,7 @@ def test_train_shift(tiny, tmp_path):
     plain, shifted = _train(tiny, tmp_path, "--shift", "0"), _train(tiny, tmp_path, "--shift", "3")
     assert plain["config"]["shift"] == 0 and shifted["config"]["shift"] == 3
     assert plain["history"]["step_losses"][0] != shifted["history"]["step_losses"][0]  # other images in the batch
-    out = _cli("train", "--no-progress", "--shift", "9")
+    out = fusedlinear_cli("train", "--no-progress", "--shift", "9")
     assert out.returncode != 0 and "--shift must be between 0 and 8 pixels, got 9" in out.stderr, out.stderr
 
 

@@ -5,17 +5,13 @@ import torch
 from torch import nn
 
 import fusedlinear
+from conftest import mnist_mlp
 from fusedlinear import (
     FusedLinear, FusedLinearGELU, FusedLinearLeakyReLU, FusedLinearReLU, FusedLinearSigmoid, FusedLinearSiLU,
     FusedLinearTanh,
 )
 
 
-def mnist_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
 
 
 def test_same_initialisation_and_keys_as_linear():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedlinear
-from conftest import TOL, ACTIVATIONS, check_against_reference, make_inputs, reference, torch_threads
+from conftest import ACTIVATIONS, LAYOUTS, TOL, check_against_reference, make_inputs, reference, run_python, torch_threads
 
 # (leading dims, K, N): 1->1 and 300->129 with B=1; odd small; 3-D and 4-D inputs; tiles with remainders; MNIST.
 # (1,) x 300 -> 129: batch 1, where dW is written as an outer product instead of a BLAS call.
@@ -48,19 +48,8 @@ def test_gradcheck(activation):
     )
 
 
-def _padded_rows(t):
-    """The same values, rows padded: leading dimension cols + 3 > cols; read in place."""
-    return torch.cat([t, t[:, :3]], dim=1)[:, : t.shape[1]]
 
 
-LAYOUTS = {
-    # name: a 2-D tensor rebuilt with the same values in that memory layout
-    "transposed": lambda t: t.t().contiguous().t(),  # column-major: read in place, BLAS transposes
-    "row-padded": _padded_rows,  # row-major, ld = cols + 3 > cols: read in place
-    "col-padded": lambda t: _padded_rows(t.t()).t(),  # column-major, ld = rows + 3 > rows: read in place
-    "strided-cols": lambda t: torch.stack([t, t], dim=2).reshape(t.shape[0], 2 * t.shape[1])[:, ::2],  # copied
-    "expanded": lambda t: t[:1].expand(t.shape),  # stride-0 rows: copied
-}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -274,9 +263,6 @@ def test_use_backend_nests_and_restores_after_an_exception(backends_ran):
     ran("numba")
 
 
-def _run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
 
 
 # A fused layer in a fresh process (the BLAS choice is read once, at the first fused call): the
@@ -307,7 +293,7 @@ def test_cpu_blas_environment_variable(blas):
 
     if blas == "mkl" and "mkl" not in numba_cpu.blas_libraries():
         pytest.skip("this PyTorch has no MKL")
-    out = _run_python(_BLAS_CHECK + "from fusedlinear.cli import main; main(['info'])", FUSEDLINEAR_CPU_BLAS=blas)
+    out = run_python(_BLAS_CHECK + "from fusedlinear.cli import main; main(['info'])", FUSEDLINEAR_CPU_BLAS=blas)
     assert out.returncode == 0, out.stderr[-2000:]
     worst, info = out.stdout.split("\n", 1)
     # float32, K = 190 terms of N(0,1) products: |error| ~ sqrt(190) * 6e-8 * 190 ~ 2e-4 at most
@@ -318,7 +304,7 @@ def test_cpu_blas_environment_variable(blas):
 
 
 def test_cpu_blas_environment_variable_rejects_an_unknown_library():
-    out = _run_python("import torch, fusedlinear; fusedlinear.fused_linear(torch.randn(3, 4), torch.randn(2, 4))",
+    out = run_python("import torch, fusedlinear; fusedlinear.fused_linear(torch.randn(3, 4), torch.randn(2, 4))",
                       FUSEDLINEAR_CPU_BLAS="cublas")
     assert out.returncode != 0 and "FUSEDLINEAR_CPU_BLAS='cublas'" in out.stderr and "openblas" in out.stderr
 
@@ -338,7 +324,7 @@ print("result:", fusedlinear.fused_linear(x, x, None, "relu").tolist())
 def test_dimensions_beyond_32_bit_blas_run_through_torch():
     """K = 2^31 never reaches BLAS's 32-bit sizes: the call runs as plain torch ops (one warning
     naming the limit) and gives relu(0 . 0) = 0 for the zero pages."""
-    out = _run_python(_HUGE_K)
+    out = run_python(_HUGE_K)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "result: [[0.0]]", out.stdout
     assert "32-bit" in out.stderr, out.stderr[-2000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusedlinear
-from conftest import make_inputs, reference
+from conftest import make_inputs, reference, run_python
 
 # Large enough for the parallel (OpenMP) path: kernels.tiling.CPU_PARALLEL_MIN_FLOP
 SHAPE = ((96,), 200, 150)
@@ -76,16 +76,13 @@ def test_dataloader_workers_calling_fused_layers():
     torch.testing.assert_close(got.reshape(want.shape), want)
 
 
-def _run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
 
 
 def test_impossible_cache_locations_still_work():
     """NUMBA_CACHE_DIR and HOME that cannot be written: the kernels fall back and still compute."""
     code = ("import torch, fusedlinear; x = torch.randn(5, 7, dtype=torch.float64); w = torch.randn(3, 7, dtype=torch.float64); "
             "print(torch.allclose(fusedlinear.fused_linear(x, w, None, 'relu'), torch.relu(x @ w.T)))")
-    out = _run_python(code, NUMBA_CACHE_DIR="/proc/fusedlinear-no-cache", HOME="/proc/fusedlinear-no-home")
+    out = run_python(code, NUMBA_CACHE_DIR="/proc/fusedlinear-no-cache", HOME="/proc/fusedlinear-no-home")
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
@@ -104,7 +101,7 @@ def test_cpu_path_is_deterministic_across_processes():
             "w = torch.randn(129, 257, requires_grad=True); out = fusedlinear.fused_linear(x, w, None, 'silu'); "
             "out.square().sum().backward(); print(hashlib.sha256(out.detach().numpy().tobytes() + "
             "w.grad.numpy().tobytes()).hexdigest())")
-    first, second = _run_python(code), _run_python(code)
+    first, second = run_python(code), run_python(code)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout
 
@@ -153,6 +150,6 @@ def test_fork_after_pytorch_started_the_pool():
     """PyTorch (not fusedlinear) started the OpenMP pool before the fork: the child's fused call
     must not wait for the pool's threads (they were not forked); it runs on one thread, warns once
     and is right."""
-    out = _run_python(_FORK_AFTER_TORCH_POOL)
+    out = run_python(_FORK_AFTER_TORCH_POOL)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "child 0", (out.stdout, out.stderr[-2000:])  # -14: killed by the alarm (hung)
