@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlinear
-from conftest import assert_close, check_against_reference, make_inputs, reference
+from conftest import assert_close, check_against_reference, make_inputs, reference, run_python
 from fusedlinear import backend
 from fusedlinear.backend import numba_cpu
 
@@ -86,7 +86,9 @@ def test_nothing_else_routes():
     assert not hasattr(backend, "for_call") and not hasattr(numba_cpu, "_too_large")
 
 
-def test_use_backend_nests_and_restores_after_an_exception():
+def test_use_backend_nests_and_restores_after_an_exception(backends_ran):
+    """The forced choice (what forced_backend() says) and the backend that really runs, at every
+    level of nested blocks and after an inner block's exception."""
     assert backend._forced is None
     with fusedlinear.use_backend("torch"):
         with pytest.raises(ZeroDivisionError):
@@ -95,6 +97,25 @@ def test_use_backend_nests_and_restores_after_an_exception():
                 1 / 0
         assert backend.forced_backend() == "torch"
     assert backend._forced is None
+
+    x, w, b = make_inputs((5,), 4, 3, torch.float64)
+
+    def ran(expected):
+        fusedlinear.fused_linear(x, w, b, "relu")
+        assert backends_ran.pop() == (expected, "forward")
+
+    ran("numba")
+    with fusedlinear.use_backend("torch"):
+        ran("torch")
+        with fusedlinear.use_backend("numba"):
+            ran("numba")
+            with pytest.raises(ZeroDivisionError):
+                with fusedlinear.use_backend("torch"):
+                    ran("torch")
+                    1 / 0
+            ran("numba")  # the inner block's exception restored its outer choice
+        ran("torch")
+    ran("numba")
 
 
 def _run_in_thread(fn):
@@ -105,7 +126,8 @@ def _run_in_thread(fn):
 
 def test_use_backend_blocks_overlapping_across_threads():
     """T1 enters "torch", T2 enters "numba", T1 exits (T2 still open: "numba" stays), T2 exits:
-    nothing is forced. Exiting restored the previous value before, leaving "torch" forced."""
+    nothing is forced. Exiting restored the previous value before, leaving "torch" forced (blocks in
+    different threads overlap, they do not nest)."""
     steps = {name: threading.Event() for name in ("t1_in", "t2_in", "t1_out", "t2_out")}
     seen = {}
 
@@ -128,7 +150,9 @@ def test_use_backend_blocks_overlapping_across_threads():
         t.join(20)
     assert all(e.is_set() for e in steps.values())
     assert seen["after_t1"] == "numba"  # T2's block is still open
-    assert backend._forced is None and backend.forced_backend() is None
+    forced, left = backend._forced, backend.forced_backend()
+    backend._forced = None  # what this test leaves forced must not silently change later tests
+    assert forced is None and left is None, f"backend {left!r} still forced after both blocks"
 
 
 def test_use_backend_in_many_threads_leaves_nothing_forced():
@@ -183,9 +207,22 @@ def test_mkldnn_weight_gets_a_clear_error():
         backend.route(x, w.to_mkldnn())
 
 
+# X (1, 2^31) and W (1, 2^31) float32 on one 8 GiB anonymous mapping that is never written (mmap
+# gives zero pages: nothing is allocated unless something writes it; no malloc, so MALLOC_PERTURB_
+# does not touch it either). K = 2^31 does not fit BLAS's 32-bit integers.
+_HUGE_K = """
+import mmap, torch, fusedlinear
+k = 2**31
+buf = mmap.mmap(-1, 4 * k, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+x = torch.frombuffer(buf, dtype=torch.float32, count=k).view(1, k)
+print("result:", fusedlinear.fused_linear(x, x, None, "relu").tolist())
+"""
+
+
 def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
     """BLAS takes 32-bit sizes; a larger problem runs through exact PyTorch ops (warned once).
-    Tested with the limit lowered: a real one needs a > 8 GB tensor."""
+    Tested with the limit lowered (values and gradients against float64 PyTorch), then for real in a
+    fresh process: K = 2^31 on zero pages gives relu(0 . 0) = 0 and one warning naming the limit."""
     monkeypatch.setattr(numba_cpu, "SIZE_MAX", 50)
     monkeypatch.setattr(backend, "_warned", set())  # backend.route warns once per process
     x, w, b = make_inputs((7,), 60, 5, torch.float64, seed=8)
@@ -201,6 +238,11 @@ def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
     ref.sum().backward()
     assert_close(xg.grad, ref_x.grad, torch.float64, "dX")
     assert_close(wg.grad, ref_w.grad, torch.float64, "dW")
+
+    out = run_python(_HUGE_K)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "result: [[0.0]]", out.stdout
+    assert "32-bit" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

@@ -43,19 +43,31 @@ print(worst)
 """
 
 
-@pytest.mark.parametrize("blas", ["mkl", "openblas"])
-def test_cpu_blas_environment_variable(blas):
+# The library blas_functions names for a batch of 1 row and of 4096 (one library at every size when
+# forced), and a relu layer's value, in the same fresh process.
+_WHICH_BLAS = ("from fusedlinear.backend import numba_cpu; "
+               "x = torch.randn(3, 5); w = torch.randn(4, 5); "
+               "ok = torch.allclose(fusedlinear.fused_linear(x, w, None, 'relu'), torch.relu(x @ w.T), atol=1e-5); "
+               "print(ok, numba_cpu.blas_functions(1)['library'], numba_cpu.blas_functions(4096)['library'], sep='|')\n")
+
+
+@pytest.mark.parametrize("blas, library", [("mkl", "MKL"), ("openblas", "OpenBLAS")], ids=["mkl", "openblas"])
+def test_cpu_blas_environment_variable(blas, library):
     """FUSEDLINEAR_CPU_BLAS in a real process (it is read once, not per call): the kernels compute the
-    right thing with it, and `fusedlinear info` names the forced library at every batch size."""
+    right thing with it, blas_functions names the forced library at every batch size, and so does
+    `fusedlinear info`."""
     from fusedlinear.backend import numba_cpu
 
     if blas == "mkl" and "mkl" not in numba_cpu.blas_libraries():
         pytest.skip("this PyTorch has no MKL")
-    out = run_python(_BLAS_CHECK + "from fusedlinear.cli import main; main(['info'])", FUSEDLINEAR_CPU_BLAS=blas)
+    out = run_python(_BLAS_CHECK + _WHICH_BLAS + "from fusedlinear.cli import main; main(['info'])",
+                     FUSEDLINEAR_CPU_BLAS=blas)
     assert out.returncode == 0, out.stderr[-2000:]
-    worst, info = out.stdout.split("\n", 1)
+    worst, which, info = out.stdout.split("\n", 2)
     # float32, K = 190 terms of N(0,1) products: |error| ~ sqrt(190) * 6e-8 * 190 ~ 2e-4 at most
     assert float(worst) < 1e-3, worst
+    ok, small, large = which.strip().split("|")
+    assert ok == "True" and small.startswith(library) and large.startswith(library), out.stdout
     (line,) = [line for line in info.splitlines() if "BLAS per tile" in line]
     assert line.split(": ", 1)[1].startswith({"mkl": "MKL (PyTorch's)", "openblas": "OpenBLAS (scipy's"}[blas])
     assert " below " not in line  # one library at every batch size
@@ -65,6 +77,8 @@ def test_cpu_blas_environment_variable_rejects_an_unknown_library():
     out = run_python("import torch, fusedlinear; fusedlinear.fused_linear(torch.randn(3, 4), torch.randn(2, 4))",
                       FUSEDLINEAR_CPU_BLAS="cublas")
     assert out.returncode != 0 and "FUSEDLINEAR_CPU_BLAS='cublas'" in out.stderr and "openblas" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # one clear error: the last line says it all
+    assert "FUSEDLINEAR_CPU_BLAS='cublas'" in last and "auto, mkl, openblas" in last, out.stderr[-2000:]
 
 
 def test_more_signatures_than_the_plan_cache_holds_stay_exact():
