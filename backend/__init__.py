@@ -35,11 +35,11 @@ import contextlib
 import importlib
 import os
 import threading
-import warnings
 from types import ModuleType
 
 import torch
 
+from .notices import warn_once
 from .cpu_runtime import FORK  # noqa: F401  (importing it installs the at-fork hook; numba_cpu reads FORK here)
 
 BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[torch.dtype, ...]]] = {
@@ -54,7 +54,6 @@ ENV_VAR = "FUSEDLINEAR_BACKEND"
 _forced: str | None = None  # the innermost open use_backend block's choice (the top of _stack)
 _stack: list[tuple[object, str]] = []  # (token, name) of every open use_backend block, in entry order
 _lock = threading.Lock()
-_warned: set[tuple] = set()
 
 
 def _check_name(name: str, where: str) -> str:
@@ -109,12 +108,6 @@ def runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return (not device_types or device.type in device_types) and (not dtypes or dtype in dtypes)
 
 
-def _warn_once(key: tuple, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
 def select(device: torch.device, dtype: torch.dtype) -> str:
     """The backend name a call on (device, dtype) uses now."""
     forced = forced_backend()
@@ -130,14 +123,14 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
     name = DEFAULT_FOR_DEVICE.get(device.type, "torch")
     reason = _unavailable(name)
     if reason:
-        _warn_once(
+        warn_once(
             ("unavailable", name),
             f"fusedlinear: backend {name!r} cannot run here ({reason}); using plain PyTorch ops "
             f"(backend 'torch') for {device.type} tensors.",
         )
         return "torch"
     if not runs(name, device, dtype):
-        _warn_once(
+        warn_once(
             ("dtype", device.type, dtype),
             f"fusedlinear: no fused kernel for {dtype} on {device.type}; using plain PyTorch ops "
             f"(backend 'torch') for these calls. Use float32 or float64 for the fused kernels.",
@@ -227,7 +220,7 @@ def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleTy
             _chosen[key] = module
     limit = getattr(module, "SIZE_MAX", None)
     if limit is not None and max(*x.shape, *w.shape, *x.stride(), *w.stride()) > limit:
-        _warn_once(("too large", module.__name__),
+        warn_once(("too large", module.__name__),
                    f"fusedlinear: a dimension exceeds {module.__name__.rsplit('.', 1)[-1]}'s limit ({limit}, BLAS's "
                    f"32-bit ints); such calls run through plain PyTorch ops (backend 'torch')")
         return implementation("torch")

@@ -48,7 +48,6 @@ import struct
 import sys
 import threading
 import time
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -59,7 +58,8 @@ from ..kernels import cpu_cache
 from ..kernels import cpu_params as slots
 from ..kernels import tiling
 from ..kernels.cpu_params import P_A, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
-from . import FORK
+from .cpu_runtime import FORK
+from .notices import warn_once
 from .layout import matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
@@ -185,16 +185,10 @@ def _launch(address: int, call, params: array.array, parallel: bool) -> None:
             _blas.unpin()
 
 
-_fork_warned = False
-
-
 def _warn_fork_once():
-    global _fork_warned
-    if not _fork_warned:
-        _fork_warned = True
-        warnings.warn("fusedlinear: this process was forked from one with several threads (an OpenMP pool may "
-                      "exist there); fused kernels run on one thread here (OpenMP is not fork-safe). Use "
-                      "torch.set_num_threads(1) in workers or the 'spawn' start method.", RuntimeWarning, stacklevel=4)
+    warn_once(("fork",), "fusedlinear: this process was forked from one with several threads (an OpenMP pool may "
+              "exist there); fused kernels run on one thread here (OpenMP is not fork-safe). Use "
+              "torch.set_num_threads(1) in workers or the 'spawn' start method.", stacklevel=4)
 
 
 SIZE_MAX = 2**31 - 1  # BLAS (LP64) takes sizes and leading dimensions as 32-bit ints (backend.route checks)
@@ -212,10 +206,9 @@ def _template(dtype, library: str) -> tuple[int, ...]:
     return tuple(p)
 
 
-def _activation_slots(activation: str, slope: float) -> tuple[int, int, bool]:
-    """(activation id, the slope's float64 bits as an int64, keeps Z?); asked when a plan is made."""
-    return (_acts.ACTIVATION_IDS[activation], struct.unpack("<q", struct.pack("<d", slope))[0],
-            _acts.ACTIVATIONS[activation].saves == "z")
+def _activation_slots(activation: str, slope: float) -> tuple[int, bool]:
+    """(the slope's float64 bits as an int64, keeps Z?); asked when a plan is made."""
+    return struct.unpack("<q", struct.pack("<d", slope))[0], _acts.ACTIVATIONS[activation].keeps_z
 
 
 def _parallel(m: int, n: int, k: int, itemsize: int) -> bool:
@@ -416,7 +409,7 @@ def _plan(x, w, b, activation, slope, mask, choice: str | None = None) -> Plan |
     p[slots.P_LDX], p[slots.P_TX] = ldx, tx
     p[slots.P_W], p[slots.P_LDW], p[slots.P_TW] = wk.data_ptr(), ldw, tw
     p[slots.P_M], p[slots.P_N], p[slots.P_K] = m, n, k
-    p[slots.P_ACT], p[slots.P_SLOPE], keeps_z = _activation_slots(activation, slope)
+    p[slots.P_SLOPE], keeps_z = _activation_slots(activation, slope)
     threads = torch.get_num_threads()
     parallel = _parallel(m, n, k, x.element_size())
     whole = _whole(mkl, m, parallel)

@@ -22,7 +22,7 @@ _BACKWARD = {name: compile(act.backward, f"<{name} backward>", "eval") for name,
 def forward(x, w, b, activation, slope):
     z = F.linear(x, w, b)
     a = FORWARD[activation](z, slope)
-    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    keep_z = _acts.ACTIVATIONS[activation].keeps_z
     return a, (z if keep_z else w.new_empty(0))  # w, not x: x may be sparse
 
 

@@ -36,6 +36,11 @@ class Activation:
     backward: str  # dz = dA ⊙ g'(...), in terms of da and the saved tensor
     saves: str  # "a", "z" or "none"
 
+    @property
+    def keeps_z(self) -> bool:
+        """Whether forward must keep Z (one extra (B, N) tensor) for backward."""
+        return self.saves == "z"
+
 
 # 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2*pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654
 # (the constants of PyTorch's GeluKernel; gelu_tanh's derivative is PyTorch's, term by term).

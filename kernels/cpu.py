@@ -60,7 +60,7 @@ from ._numba_runtime import address, address_of, call_int, f64_ptr, gemm, i64_pt
 from .cpu_cache import cache_dir  # noqa: F401  (part of this module's interface)
 
 from .cpu_params import (  # noqa: F401  (the backend reads them here too)
-    N_PARAMS, P_A, P_ACT, P_ALPHA, P_BETA, P_BIAS, P_BLAS_THREADS, P_CB, P_DA, P_DB, P_DW, P_DX, P_DZ, P_GEMM, P_K,
+    N_PARAMS, P_A, P_ALPHA, P_BETA, P_BIAS, P_BLAS_THREADS, P_CB, P_DA, P_DB, P_DW, P_DX, P_DZ, P_GEMM, P_K,
     P_LDW, P_LDX, P_M, P_N, P_NUM_THREADS, P_SAVED, P_SLOPE, P_STAGE, P_THREAD_NUM, P_TK, P_TM, P_TN, P_TW, P_TX,
     P_W, P_WHOLE, P_X, P_Z,
 )
@@ -254,7 +254,7 @@ def _elementwise_source(phase: str, act: _acts.Activation) -> list[str]:
                  "        z_, a_ = src[i, c0:c1], a[i, c0:c1]",
                  "        for j in range(a_.shape[0]):",
                  "            z = z_[j] + b_[j]"]
-        if act.saves == "z":  # src is Z's buffer: keep Z for backward
+        if act.keeps_z:  # src is Z's buffer: keep Z for backward
             lines.append("            z_[j] = z")
         return lines + [f"            a_[j] = {act.forward}"]
     saved = _acts.saved_name(act)

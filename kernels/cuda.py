@@ -214,7 +214,7 @@ def gemm_forward_plan(dtype, m, n, k, ldx, ldw, has_bias, activation, slope) -> 
     act = _acts.ACTIVATIONS[activation]
     grid, block = tiling.cuda_gemm_grid(m, n)
     return Plan((Launch("gemm", gemm_forward_name(activation, dtype), grid, block, (
-        _ptr("a"), _ptr("z" if act.saves == "z" else None), _ptr("x"), _ptr("w"), _ptr("b" if has_bias else None),
+        _ptr("a"), _ptr("z" if act.keeps_z else None), _ptr("x"), _ptr("w"), _ptr("b" if has_bias else None),
         ("i64", m), ("i64", n), ("i64", k), ("i64", ldx), ("i64", ldw), ("i64", n), ("f64", float(slope)))),))
 
 

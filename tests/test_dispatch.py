@@ -224,7 +224,7 @@ def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
     Tested with the limit lowered (values and gradients against float64 PyTorch), then for real in a
     fresh process: K = 2^31 on zero pages gives relu(0 . 0) = 0 and one warning naming the limit."""
     monkeypatch.setattr(numba_cpu, "SIZE_MAX", 50)
-    monkeypatch.setattr(backend, "_warned", set())  # backend.route warns once per process
+    monkeypatch.setattr(backend.notices, "_warned", set())  # backend.route warns once per process
     x, w, b = make_inputs((7,), 60, 5, torch.float64, seed=8)
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="32-bit"):
@@ -249,7 +249,7 @@ def test_sizes_beyond_blas_32_bit_ints_run_through_torch(monkeypatch):
 def test_half_precision_falls_back_to_torch_with_a_warning(dtype, backends_ran):
     from fusedlinear import backend
 
-    backend._warned.clear()
+    backend.notices._warned.clear()
     x, w, b = make_inputs((8,), 16, 4, dtype)
     fusedlinear.fused_linear(x.float(), w.float(), b.float(), "gelu")  # the same call in float32 first ...
     assert backends_ran == [("numba", "forward")]

@@ -322,7 +322,7 @@ def _maybe_warns(dtype):
     from fusedlinear import backend
 
     if dtype in (torch.float16, torch.bfloat16):
-        backend._warned.clear()
+        backend.notices._warned.clear()
         return pytest.warns(RuntimeWarning, match="no fused kernel")
     return contextlib.nullcontext()
 

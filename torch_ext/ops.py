@@ -113,7 +113,7 @@ del _key, _forward, _backward_impl
 def _linear_act_fake(input, weight, bias, activation, negative_slope):
     _check_op(input, weight, bias, activation, negative_slope)
     shape = (input.shape[0], weight.shape[0])
-    keep_z = _acts.ACTIVATIONS[activation].saves == "z"
+    keep_z = _acts.ACTIVATIONS[activation].keeps_z
     return input.new_empty(shape), input.new_empty(shape if keep_z else (0,))
 
 
@@ -145,7 +145,7 @@ def _linear_act_vmap(info, in_dims, input, weight, bias, activation, negative_sl
     if bias is not None:
         z = z + (_front(bias, in_dims[2]).unsqueeze(-2) if in_dims[2] is not None else bias)
     a = _reference.FORWARD[activation](z, negative_slope)
-    out = (a, z if _acts.ACTIVATIONS[activation].saves == "z" else a.new_empty(0))
+    out = (a, z if _acts.ACTIVATIONS[activation].keeps_z else a.new_empty(0))
     return out, _out_dims(out, (2, 2))
 
 
@@ -517,7 +517,7 @@ class _Chain(torch.autograd.Function):
         for weight, bias, activation, slope in _layers(spec, params):
             h, z = torch.ops.fusedlinear.linear_act(h, weight, bias, activation, slope)
             hs.append(h)
-            if _acts.ACTIVATIONS[activation].saves == "z":
+            if _acts.ACTIVATIONS[activation].keeps_z:
                 zs.append(z)
         return (h, *hs[:-1], *zs)
 
