@@ -1,7 +1,6 @@
 """backend/__init__.py, device dispatch: the route table (which implementation runs a call),
 use_backend and FUSEDLINEAR_BACKEND, half precision and sizes beyond BLAS's 32-bit ints through
-torch, layouts no kernel takes.
-"""
+torch, layouts no kernel takes."""
 
 import inspect
 import re

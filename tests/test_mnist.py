@@ -1,6 +1,5 @@
 """src/fusedlinear/mnist.py: the reference model, the bundled digits and their split, the IDX
-loader (round trip, corrupt files named, the full Fashion-MNIST directory).
-"""
+loader (round trip, corrupt files named, the full Fashion-MNIST directory)."""
 
 import os
 

@@ -1,6 +1,5 @@
 """torch_ext/modules.py: FusedLinear and its subclasses as drop-in nn.Linear + activation
-(initialisation, keys, from_linear, training, checkpoints both ways, built on meta).
-"""
+(initialisation, keys, from_linear, training, checkpoints both ways, built on meta)."""
 
 import pytest
 import torch
@@ -10,12 +9,7 @@ from torch import nn
 import fusedlinear
 from conftest import mnist_mlp
 from fusedlinear import (
-    FusedLinear,
-    FusedLinearGELU,
-    FusedLinearLeakyReLU,
-    FusedLinearReLU,
-    FusedLinearSigmoid,
-    FusedLinearSiLU,
+    FusedLinear, FusedLinearGELU, FusedLinearLeakyReLU, FusedLinearReLU, FusedLinearSigmoid, FusedLinearSiLU,
     FusedLinearTanh,
 )
 

@@ -1,7 +1,6 @@
 """backend/numba_cpu.py, the CPU backend: launch plans (cached per call signature, never stale,
 owning every buffer they point into), the BLAS choice (FUSEDLINEAR_CPU_BLAS, measured once per
-machine) and its tuning file.
-"""
+machine) and its tuning file."""
 
 import json
 import tracemalloc
