@@ -13,8 +13,6 @@ from fusedlinear import backend
 # (1,) x 300 -> 129: batch 1, where dW is written as an outer product instead of a BLAS call.
 SHAPES = [((1,), 1, 1), ((1,), 300, 129), ((7,), 13, 5), ((2, 3), 13, 7), ((2, 3, 4), 9, 6), ((129,), 130, 3),
           ((64,), 784, 512), ((300,), 257, 131)]
-
-
 IDS = ["1x1->1", "1x300->129", "7x13->5", "2x3x13->7", "2x3x4x9->6", "129x130->3", "64x784->512", "300x257->131"]
 
 

@@ -62,7 +62,6 @@ def test_one_dimensional_input():
 
 X, W, B = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
 
-
 CASES = [
     # (description, call, exception, message pattern)
     ("K mismatch", lambda: fused_linear(torch.randn(4, 2), W, B), ValueError, r"last dimension is 2.*in_features=3"),
@@ -132,13 +131,8 @@ def test_backends_report_why_they_cannot_run():
 # fake implementations, which torch.compile runs) raise what fused_linear raises, instead of
 # reading a float64 weight as float32, a short bias past its end, or a narrower/wider weight as K.
 _APPLY = lambda *a: fusedlinear.FusedLinearFunction.apply(*a)
-
-
 _OP = lambda *a: torch.ops.fusedlinear.linear_act(*a)
-
-
 _CHAIN = lambda x, w, b, act, slope: FusedChainFunction.apply(x, ((act, slope, b is not None),), *[t for t in (w, b) if t is not None])
-
 
 ENTRY_CASES = [
     ("float64 weight", (X, W.double(), B, "relu", 0.01), TypeError, r"input is torch.float32 but weight is torch.float64"),
@@ -156,8 +150,6 @@ ENTRY_CASES = [
     ("float8 weight", (X, W.to(torch.float8_e5m2), B, "relu", 0.01), TypeError,
      r"weight has dtype torch.float8_e5m2; .*weight.float\(\)"),
 ]
-
-
 _ENTRIES = {"FusedLinearFunction.apply": _APPLY, "linear_act": _OP, "FusedChainFunction.apply": _CHAIN}
 
 
@@ -179,8 +171,6 @@ def test_fake_implementation_validates(args, exc, pattern):
 
 
 _G, _S = torch.randn(4, 5), torch.randn(4, 5)
-
-
 BACKWARD_CASES = [
     ("grad shape", (torch.randn(4, 4), _S, X, W, "tanh", 0.01, [True] * 3), ValueError, r"grad has shape \(4, 4\), expected \(4, 5\)"),
     ("saved shape", (_G, torch.randn(3, 5), X, W, "tanh", 0.01, [True] * 3), ValueError, r"saved has shape \(3, 5\), expected \(4, 5\)"),

@@ -83,8 +83,6 @@ def test_no_import_circle_in_the_application_layer():
 
 
 PACKAGE = pathlib.Path(fusedlinear.__file__).resolve().parents[2]  # the repository root
-
-
 PRIVATE = re.compile(r"torch\._C\b|_current_level|_functorch|_len_torch_dispatch_stack|_is_any_autocast_enabled"
                      r"|_are_functorch_transforms_active|_has_storage|_cuda_getCurrentRawStream|\.__func__"
                      r"|torch\._dynamo|torch\._library|_AutoDispatchBelowAutograd")
