@@ -204,7 +204,7 @@ def test_chain_apply_validates_spec_and_later_layers():
 ])
 def test_slope_must_be_a_number(slope, pattern):
     """A tensor slope is refused (no gradient would flow into it, and reading it costs a sync);
-    a bool is a mistake (True is 1.0); an int is a number (test_autograd_behaviour)."""
+    a bool is a mistake (True is 1.0); an int is a number (test_ops_autograd)."""
     for call in (lambda: fused_linear(X, W, B, "leaky_relu", slope), lambda: _APPLY(X, W, B, "leaky_relu", slope)):
         with pytest.raises(TypeError, match=pattern):
             call()
@@ -294,7 +294,7 @@ def test_hostile_input(x, w, b, act, slope, exc, pattern):
     with _maybe_warns(x.dtype):
         out = fusedlinear.fused_linear(*leaves, act, slope)
     ref = reference(*refs, act, slope)
-    # float16/bfloat16: a few roundings to 11/8 significant bits of O(1) values (see test_parity's
+    # float16/bfloat16: a few roundings to 11/8 significant bits of O(1) values (see test_dispatch's
     # half-precision test); float32: summation order over K = 5 terms, relative to values up to 1e4
     tol = dict(atol=3e-2, rtol=3e-2) if x.dtype in (torch.float16, torch.bfloat16) else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.double(), ref, equal_nan=True, **tol)
