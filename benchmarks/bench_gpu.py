@@ -39,10 +39,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
+from fusedlinear.train import capture_cuda_graph, sgd_step
 
 PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False),
               "fp16": (torch.float16, False)}
@@ -175,27 +175,6 @@ def _mnist(bench, dtype, provider):
     return model
 
 
-def _step(model, opt, x, y, set_to_none=True):
-    opt.zero_grad(set_to_none=set_to_none)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss
-
-
-def _whole_step_graph(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def mnist_rows(bench: Bench, compiled: bool):
     b = 64
     precisions = ("fp32",) if compiled else ("fp32", "bf16")
@@ -217,21 +196,21 @@ def mnist_rows(bench: Bench, compiled: bool):
                     opt = torch.optim.SGD(model.parameters(), lr=0.01)
                     with bench.backend_for(provider):
                         # warm-up, ungraphed: every first use (NVRTC, CuPy lookups) happens here
-                        loss = _step(model, opt, x, y).detach()
+                        loss = sgd_step(model, opt, x, y).detach()
                         first_loss.setdefault(provider, loss)
                         check(first_loss["eager"], loss, f"{provider} first-step loss")
                         if way == "":
-                            fn = lambda: _step(model, opt, x, y)  # noqa: E731
+                            fn = lambda: sgd_step(model, opt, x, y)  # noqa: E731
                         elif way == "make_graphed_callables":
                             graphed = torch.cuda.make_graphed_callables(model, (x,))
-                            fn = lambda: _step(graphed, opt, x, y, set_to_none=False)  # noqa: E731
+                            fn = lambda: sgd_step(graphed, opt, x, y, set_to_none=False)  # noqa: E731
                         elif way == "cuda.graph":
-                            fn = _whole_step_graph(lambda: _step(model, opt, x, y, set_to_none=False))
+                            fn = capture_cuda_graph(lambda: sgd_step(model, opt, x, y, set_to_none=False))[0].replay
                         else:
                             # --dry: no compile (minutes on a CPU); the rows' machinery is what it tests
                             run = model if bench.args.dry else torch.compile(model, mode="reduce-overhead",
                                                                               dynamic=False)
-                            fn = lambda: _step(run, opt, x, y, set_to_none=False)  # noqa: E731
+                            fn = lambda: sgd_step(run, opt, x, y, set_to_none=False)  # noqa: E731
                             for _ in range(3):  # compile, then cudagraph trees record
                                 fn()
                         return bench.timed(fn)

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 
-import math
 import sys
 
 import pytest
@@ -164,43 +163,10 @@ def test_recogniser_on_every_act2cls_class(key):
         assert recognise(module)[0] == want
 
 
-class Formula(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
-@pytest.mark.parametrize("fn,want", [
-    (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))), "gelu_tanh"),
-    (lambda x: x * torch.sigmoid(x), "silu"),
-    (lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), "gelu"),
-    (lambda x: x * torch.tanh(nn.functional.softplus(x)), "mish"),
-    (lambda x: x * nn.functional.relu6(x + 3) / 6, "hardswish"),
-    (lambda x: torch.where(x > 0, x, 0.2 * x), "leaky_relu"),
-    # gelu_tanh's formula with gelu_fast's 10-digit constant is gelu_fast, factored or not
-    (lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x**3))), "gelu_fast"),
-])
-def test_recogniser_accepts_formulas_written_out(fn, want):
-    assert recognise(Formula(fn))[0] == want
 
 
-@pytest.mark.parametrize("fn,why", [
-    # sqrt(2/pi) cut to 8 digits: neither gelu_tanh's constant nor gelu_fast's 10 digits
-    (lambda x: 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3))), "nearest: gelu"),
-    (lambda x: x * torch.sigmoid(1.7 * x), "nearest"),  # not quick_gelu's 1.702
-    (lambda x: torch.softmax(x, -1), "element-wise"),
-    (lambda x: nn.functional.dropout(x, 0.5, True), "again|random"),
-    (lambda x: x.float().sigmoid().to(x.dtype), "nearest: sigmoid|element-wise"),  # float32 values; rounding varies with size
-    (lambda x: x / x.shape[-1], "element-wise"),
-    # relu's values, but clamp's gradient at the bound is 1 where relu's is 0
-    (lambda x: torch.clamp(x, min=0.0), "nearest"),
-])
-def test_recogniser_refuses_what_is_not_exact(fn, why):
-    with pytest.raises(Refused, match=why):
-        recognise(Formula(fn))
 
 
 def test_refused_activation_is_reported_with_the_reason():
@@ -217,57 +183,7 @@ def test_refused_activation_is_reported_with_the_reason():
     assert path == "fc" and "not taken for an activation" in reason and "nearest: gelu" in reason
 
 
-class _Scale(nn.Module):
-    def forward(self, x, **kwargs):
-        return x * kwargs.get("scale", 1.0)
 
 
-class _KwargsLayer(nn.Module):
-    """A forward torch.fx cannot trace: ``**kwargs`` passed on (as Hugging Face layers do)."""
-
-    def __init__(self, shared_act=False):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(6, 6) for _ in range(4))
-        self.act = silu = Formula(lambda x: x * torch.sigmoid(x))  # recognised as silu
-        self.act3 = nn.GELU()
-        self.inner = _Scale()
-        self.shared_act = shared_act
-        self.act_again = silu if shared_act else nn.Identity()  # a second call site of it: never fused
-
-    def forward(self, x, **kwargs):
-        h = self.act(self.fc1(x))                           # module activation: fused by TorchDynamo
-        y = nn.functional.relu(self.fc2(x))                 # functional: this forward cannot change
-        k = self.fc3(x)
-        z = self.act3(k) + k                                # fc3's output used twice
-        extra = self.act_again(x) if self.shared_act else 0  # act also called on another input
-        return self.inner(h + y + z + self.fc4(x) + extra, **kwargs)
 
 
-@pytest.mark.parametrize("shared_act", [False, True], ids=["own-act", "shared-act"])
-def test_untraceable_forward_is_read_by_dynamo(shared_act):
-    model = _KwargsLayer(shared_act).double()
-    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    _, plain = fusedlinear.fuse(model, report=True)
-    assert not plain.fused
-    assert all("pass example_inputs=" in reason for _, reason in plain.left_alone), str(plain)
-
-    fused, report = fusedlinear.fuse(model, report=True, example_inputs=(x,))
-    reasons = dict(report.left_alone)
-    if shared_act:
-        assert not report.fused and "also called on other inputs" in reasons["fc1"], str(report)
-    else:
-        (pair,) = report.fused
-        assert (pair.linear, pair.activation) == ("fc1", "silu") and "TorchDynamo" in pair.how, str(report)
-        assert isinstance(fused.fc1, fusedlinear.FusedLinear) and isinstance(fused.act, fusedlinear.FusedActivation)
-    assert "no activation module after it" in reasons["fc2"], str(report)
-    assert "used 2 times" in reasons["fc3"], str(report)
-    assert "no activation module after it" in reasons["fc4"], str(report)
-    assert list(fused.state_dict()) == list(model.state_dict())
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    ref, got = model(xs[0], scale=2.0), fused(xs[1], scale=2.0)
-    torch.testing.assert_close(got, ref, **TOL)
-    ref.sum().backward()
-    got.sum().backward()
-    torch.testing.assert_close(xs[1].grad, xs[0].grad, **TOL)
-    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m: f"{name}: {m}")

@@ -12,11 +12,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fusedlinear
 from conftest import ACTIVATIONS, TOL, make_inputs, reference
+from fusedlinear.train import capture_cuda_graph, sgd_step
 from lowp_model import assert_like_eager
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -190,14 +190,6 @@ def _mnist_models(dtype=torch.float32):
     return ref, fused
 
 
-def _sgd_step(model, opt, x, y):
-    opt.zero_grad(set_to_none=False)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss
-
-
 def test_cuda_graph_capture_of_a_training_step(launches):
     """A whole MNIST step (forward, loss, backward, SGD) captured with torch.cuda.graph and
     replayed on new data; parameters after each replay equal float64 PyTorch's SGD steps."""
@@ -208,15 +200,7 @@ def test_cuda_graph_capture_of_a_training_step(launches):
     static_x = torch.randn(64, 1, 28, 28, generator=g).cuda()
     static_y = torch.randint(0, 10, (64,), generator=g).cuda()
     with fusedlinear.use_backend("cupy"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph's documentation asks
-                _sgd_step(fused, opt, static_x, static_y)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = _sgd_step(fused, opt, static_x, static_y)
+        graph, static_loss = capture_cuda_graph(lambda: sgd_step(fused, opt, static_x, static_y, set_to_none=False))
     captured = len(launches)
     assert captured and any(k.startswith("fl_grad_") for plan in launches for k in plan)
     with torch.no_grad():
@@ -228,7 +212,7 @@ def test_cuda_graph_capture_of_a_training_step(launches):
         static_x.copy_(x)
         static_y.copy_(y)
         graph.replay()
-        want = _sgd_step(ref, ref_opt, x.double(), y)
+        want = sgd_step(ref, ref_opt, x.double(), y, set_to_none=False)
         torch.testing.assert_close(static_loss.double().cpu(), want.detach(), **TOL[torch.float32])
         for p, q in zip(fused.parameters(), ref.parameters()):
             torch.testing.assert_close(p.double().cpu(), q.detach(), **TOL[torch.float32], msg=lambda s: f"step {step}: {s}")

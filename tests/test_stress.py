@@ -17,7 +17,7 @@ import time
 import torch
 
 import fusedlinear
-from fusedlinear import backend, parity
+from fusedlinear import parity
 from fusedlinear.backend import numba_cpu
 
 PLAN_CACHE = getattr(numba_cpu, "_MAX_PLANS", 256)  # launch plans kept; fall back to the size it had
@@ -98,31 +98,3 @@ def test_threads_evicting_plans_give_the_single_threaded_bits():
     assert sum(calls) > len(work), f"only {sum(calls)} calls in {SECONDS} s: the plan cache was not cycled"
 
 
-def test_overlapping_use_backend_blocks_in_threads_leave_nothing_forced():
-    """Thread A enters use_backend('torch'), B enters use_backend('numba'), A leaves, B leaves:
-    afterwards no backend is forced (blocks in different threads overlap, they do not nest)."""
-    steps = [threading.Event() for _ in range(4)]
-
-    def a():
-        with fusedlinear.use_backend("torch"):
-            steps[0].set()
-            steps[1].wait(10)
-        steps[2].set()
-
-    def b():
-        steps[0].wait(10)
-        with fusedlinear.use_backend("numba"):
-            steps[1].set()
-            steps[2].wait(10)
-        steps[3].set()
-
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert all(s.is_set() for s in steps)
-    left = backend.forced_backend()
-    if hasattr(backend, "_forced"):
-        backend._forced = None  # what this test leaves forced must not silently change later tests
-    assert left is None, f"backend {left!r} still forced after both blocks"

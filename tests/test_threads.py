@@ -70,14 +70,38 @@ def _item_inputs(i):
             torch.randn(64, 150, generator=g, dtype=torch.float64))
 
 
+class _Constant(torch.utils.data.Dataset):
+    """Item i: the fused layer's output (no gradient) for 4 rows of the value i, in the worker."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        with torch.no_grad():
+            return self.layer(torch.full((4, 200), float(i), dtype=torch.float64))
+
+
 def test_dataloader_workers_match_pytorch_float64():
     """Workers forked after the parent started the OpenMP team (so they run the kernels on their
-    calling thread) compute output and every gradient like float64 PyTorch."""
+    calling thread) compute output and every gradient like float64 PyTorch, and batches of their
+    outputs (default collation) equal the parent's own calls."""
     layer = fusedlinear.FusedLinearTanh(200, 150).double()
     with torch_threads(2):  # 2 * 64 * 200 * 150 = 3.8 MFLOP: the parent's call runs the team
-        layer(torch.randn(64, 200, dtype=torch.float64)).sum().backward()
+        x, grad = _item_inputs(100)
+        w, b = (layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True))
+        out = layer(x)
+        out.backward(grad)
+        ref = reference(x, w, b, "tanh")
+        ref.backward(grad)
+        for name, g, r in zip(("output", "dW", "db"), (out.detach(), layer.weight.grad, layer.bias.grad),
+                              (ref.detach(), w.grad, b.grad)):
+            assert_close(g, r, torch.float64, f"parent {name}")
         loader = torch.utils.data.DataLoader(_Rows(layer), batch_size=None, num_workers=2)
         items = list(loader)
+        batches = torch.cat(list(torch.utils.data.DataLoader(_Constant(layer), batch_size=2, num_workers=2)))
     assert len(items) == 6
     for i, got in enumerate(items):
         x, grad = _item_inputs(i)
@@ -87,3 +111,6 @@ def test_dataloader_workers_match_pytorch_float64():
         ref.backward(grad)
         for name, g, r in zip(("output", "dX", "dW", "db"), got, (ref.detach(), x.grad, w.grad, b.grad)):
             assert_close(g, r, torch.float64, f"item {i} {name}")
+    with torch.no_grad():
+        want = torch.cat([layer(torch.full((4, 200), float(i), dtype=torch.float64)) for i in range(8)])
+    torch.testing.assert_close(batches.reshape(want.shape), want)

@@ -143,10 +143,7 @@ class Trainer:
         return n if self.world == 1 else n - bs + 1  # several ranks: full global batches only
 
     def step(self, xb, yb) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(xb), yb)
-        loss.backward()
-        self.opt.step()
+        loss = sgd_step(self.model, self.opt, xb, yb)
         self.schedule.step()
         return loss.detach()
 
@@ -179,6 +176,33 @@ class Trainer:
         correct = evaluate(model, self.tx[mine], self.ty[mine]) * len(mine)
         correct, total = distributed.all_sum([correct, len(mine)], self.cfg.device)
         h.test_accuracy.append(correct / total)
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, set_to_none: bool = True) -> torch.Tensor:
+    """One training step: forward, cross-entropy, backward, optimizer step. Returns the loss.
+    ``set_to_none=False`` keeps the gradient tensors, as a step captured in a CUDA graph needs."""
+    opt.zero_grad(set_to_none=set_to_none)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def capture_cuda_graph(step, warmup: int = 3):
+    """``step()`` (a training step on static tensors) captured with ``torch.cuda.graph``, after
+    ``warmup`` calls on a side stream, as torch.cuda.graph's documentation asks (first uses and the
+    optimizer's state happen outside the capture). Returns (graph, what the captured call returned);
+    ``graph.replay()`` runs the step again on whatever the static tensors hold then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def prepare_kernels(model: nn.Module, cfg: TrainConfig) -> None:

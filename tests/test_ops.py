@@ -1,14 +1,64 @@
-"""Bad input raises the right exception with a message naming the bad value and the fix."""
+"""torch_ext/ops.py, fused_linear and its entry points: bad input raises a clear error naming the
+value and the fix (table-driven hostile inputs too), requires_grad subsets, no_grad and inference
+mode, zero-sized and 1-D inputs, meta tensors, FUSEDLINEAR_BACKEND named when wrong."""
 
 import contextlib
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedlinear
+from conftest import check_against_reference, make_inputs, reference, seeded
 from fusedlinear import FusedLinear, fused_chain, fused_linear
 from fusedlinear.torch_ext import FusedChainFunction
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_requires_grad_subsets(needs):
+    x, w, b = make_inputs((9,), 8, 7, torch.float64)
+    leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), needs)]
+    out = fusedlinear.fused_linear(*leaves, activation="silu")
+    out.sum().backward()
+    refs = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), needs)]
+    from conftest import reference
+
+    reference(*refs, "silu").sum().backward()
+    for got, want, r in zip(leaves, refs, needs):
+        assert (got.grad is None) == (not r)
+        if r:
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_no_grad_and_inference_mode():
+    x, w, b = make_inputs((5,), 4, 3, torch.float32)
+    w.requires_grad_(True)
+    from conftest import reference
+
+    with torch.no_grad():
+        out = fusedlinear.fused_linear(x, w, b, "relu")
+    assert out.grad_fn is None
+    with torch.inference_mode():
+        out2 = fusedlinear.fused_linear(x, w, b, "relu")
+    assert out2.is_inference()
+    torch.testing.assert_close(out, reference(x, w.detach(), b, "relu"))
+    torch.testing.assert_close(out2, out)
+
+
+@pytest.mark.parametrize("lead,k,n", [((0,), 5, 3), ((2, 0), 5, 3), ((4,), 0, 3), ((4,), 5, 0)])
+def test_zero_sized_dimensions(lead, k, n):
+    x, w, b = make_inputs(lead, k, n, torch.float64)
+    check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "sigmoid"), x, w, b, "sigmoid")
+
+
+def test_one_dimensional_input():
+    x, w, b = make_inputs((), 6, 4, torch.float64)
+    out = fusedlinear.fused_linear(x, w, b, "gelu")
+    assert out.shape == (4,)
+    check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "gelu"), x, w, b, "gelu")
+
 
 X, W, B = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
 
@@ -154,7 +204,7 @@ def test_chain_apply_validates_spec_and_later_layers():
 ])
 def test_slope_must_be_a_number(slope, pattern):
     """A tensor slope is refused (no gradient would flow into it, and reading it costs a sync);
-    a bool is a mistake (True is 1.0); an int is a number (test_autograd_behaviour)."""
+    a bool is a mistake (True is 1.0); an int is a number (test_ops_autograd)."""
     for call in (lambda: fused_linear(X, W, B, "leaky_relu", slope), lambda: _APPLY(X, W, B, "leaky_relu", slope)):
         with pytest.raises(TypeError, match=pattern):
             call()
@@ -243,3 +293,104 @@ def test_fast_checks_agree_with_the_full_ones():
                 with pytest.raises((TypeError, ValueError, RuntimeError)):
                     ops._check(x, w, b, activation, slope, rows=True)
     assert [d.type for d in passed] == ["cuda", "cpu"]  # the valid call on each device, nothing else
+
+
+HX, HW, HB = seeded(6, 5), seeded(4, 5, seed=1) / 3, seeded(4, seed=2)
+
+
+# (id, input, weight, bias, activation, slope, expected exception type or None, message pattern)
+HOSTILE_CASES = [
+    ("int64-input", HX.long(), HW, HB, "relu", 0.01, TypeError, "torch.int64"),
+    ("int32-weight", HX, HW.int(), HB, "relu", 0.01, TypeError, "torch.int32"),
+    ("uint8-bias", HX, HW, HB.to(torch.uint8), "relu", 0.01, TypeError, "torch.uint8"),
+    ("bool-input", HX.bool(), HW, HB, "relu", 0.01, TypeError, "torch.bool"),
+    ("complex-input", HX.to(torch.complex64), HW, HB, "relu", 0.01, TypeError, "complex64"),
+    ("complex-weight", HX, HW.to(torch.complex128), HB, "relu", 0.01, TypeError, "complex128"),
+    ("float16-cpu", HX.half(), HW.half(), HB.half(), "gelu", 0.01, None, None),
+    ("bfloat16-cpu", HX.bfloat16(), HW.bfloat16(), HB.bfloat16(), "silu", 0.01, None, None),
+    ("mixed-dtypes", HX.double(), HW, HB, "relu", 0.01, TypeError, "float64 but weight"),
+    ("mixed-devices", HX, HW.to("meta"), HB, "relu", 0.01, RuntimeError, "on meta"),
+    ("k-mismatch", seeded(6, 4), HW, HB, "relu", 0.01, ValueError, "in_features=5"),
+    ("bias-length", HX, HW, seeded(3), "relu", 0.01, ValueError, r"bias must have shape \(4,\)"),
+    ("weight-3d", HX, seeded(1, 4, 5), HB, "relu", 0.01, ValueError, "weight must be 2-D"),
+    ("scalar-input", torch.tensor(1.0), HW, HB, "relu", 0.01, ValueError, "at least 1 dimension"),
+    ("unknown-activation", HX, HW, HB, "swish", 0.01, ValueError, "unknown activation 'swish'"),
+    ("batch-0", seeded(0, 5), HW, HB, "tanh", 0.01, None, None),
+    ("batch-0-4d", seeded(0, 3, 2, 5), HW, HB, "sigmoid", 0.01, None, None),
+    ("k-0-gives-bias", seeded(6, 0), seeded(4, 0), HB, "gelu", 0.01, None, None),
+    ("n-0", HX, seeded(0, 5), seeded(0), "relu", 0.01, None, None),
+    ("nan-relu", seeded(6, 5, fill=math.nan), HW, HB, "relu", 0.01, None, None),
+    ("nan-gelu", seeded(6, 5, fill=math.nan), HW, HB, "gelu", 0.01, None, None),
+    ("inf-relu", seeded(6, 5, fill=math.inf), HW, HB, "relu", 0.01, None, None),
+    ("neg-inf-sigmoid", seeded(6, 5, fill=-math.inf), HW, HB, "sigmoid", 0.01, None, None),
+    ("big-sigmoid", seeded(6, 5) * 1e4, HW, HB, "sigmoid", 0.01, None, None),
+    ("big-tanh", seeded(6, 5) * 1e4, HW, HB, "tanh", 0.01, None, None),
+    ("big-silu", seeded(6, 5) * 1e4, HW, HB, "silu", 0.01, None, None),
+    ("big-gelu", seeded(6, 5) * 1e4, HW, HB, "gelu", 0.01, None, None),
+    ("big-gelu-tanh", seeded(6, 5) * 1e4, HW, HB, "gelu_tanh", 0.01, None, None),
+    ("non-contiguous", seeded(6, 10)[:, ::2], HW, HB, "leaky_relu", 0.2, None, None),
+    ("expanded-stride-0", seeded(1, 5).expand(6, 5), HW, HB, "silu", 0.01, None, None),
+    ("transposed-both", seeded(5, 6).t(), seeded(5, 4, seed=1).t(), HB, "tanh", 0.01, None, None),
+    ("nan-slope", HX, HW, HB, "leaky_relu", math.nan, None, None),
+    ("string-slope", HX, HW, HB, "leaky_relu", "0.1", TypeError, "negative_slope"),
+]
+
+
+@pytest.mark.parametrize("x,w,b,act,slope,exc,pattern", [c[1:] for c in HOSTILE_CASES], ids=[c[0] for c in HOSTILE_CASES])
+def test_hostile_input(x, w, b, act, slope, exc, pattern):
+    if exc is not None:
+        with pytest.raises(exc, match=pattern):
+            fusedlinear.fused_linear(x, w, b, act, slope)
+        return
+    leaves = [v.clone().requires_grad_(v.is_floating_point()) if v is not None else None for v in (x, w, b)]
+    # the reference: float64 PyTorch on the same values (never the fused code's own dtype and path)
+    refs = [v.detach().double().requires_grad_(True) if v is not None else None for v in (x, w, b)]
+    with _maybe_warns(x.dtype):
+        out = fusedlinear.fused_linear(*leaves, act, slope)
+    ref = reference(*refs, act, slope)
+    # float16/bfloat16: a few roundings to 11/8 significant bits of O(1) values (see test_dispatch's
+    # half-precision test); float32: summation order over K = 5 terms, relative to values up to 1e4
+    tol = dict(atol=3e-2, rtol=3e-2) if x.dtype in (torch.float16, torch.bfloat16) else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, **tol)
+    grad = torch.ones_like(ref)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for got, want in zip(leaves, refs):
+        if got is not None and got.grad is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, equal_nan=True, **tol)
+
+
+def _maybe_warns(dtype):
+    import contextlib
+
+    from fusedlinear import backend
+
+    if dtype in (torch.float16, torch.bfloat16):
+        backend.notices._warned.clear()
+        return pytest.warns(RuntimeWarning, match="no fused kernel")
+    return contextlib.nullcontext()
+
+
+def test_fused_linear_on_meta_tensors():
+    x, w = torch.randn(2, 4, device="meta"), torch.randn(5, 4, device="meta")
+    assert fusedlinear.fused_linear(x, w, None, "relu").shape == F.linear(x, w).shape
+    layer = fusedlinear.FusedLinearMish(4, 5, device="meta")
+    assert layer(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu"])
+def test_meta_tensors_behave_as_f_linear_does(activation):
+    """Shapes, dtype, device and gradients' shapes as F.linear + activation give them on meta
+    (accelerate's init_empty_weights, torch.device('meta')), for fused_linear, fused_chain, modules."""
+    w1, b1 = torch.randn(5, 4, device="meta", requires_grad=True), torch.randn(5, device="meta", requires_grad=True)
+    w2 = torch.randn(3, 5, device="meta", dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2, 7, 4, device="meta", requires_grad=True)
+    ref = F.linear(F.relu(F.linear(x, w1, b1)), w2)
+    for out in (fusedlinear.fused_linear(fusedlinear.fused_linear(x, w1, b1, activation), w2, None, "identity"),
+                fusedlinear.fused_chain(x, [(w1, b1, activation, 0.01), (w2, None, "identity", 0.0)])):
+        assert (out.shape, out.dtype, out.device) == (ref.shape, ref.dtype, ref.device)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and w1.grad.shape == w1.shape and b1.grad.shape == b1.shape
+        assert x.grad.device.type == "meta"
+    y = fusedlinear.fused_linear(x.double(), w1.double(), None, activation)
+    assert y.dtype == torch.float64 and y.shape == (2, 7, 5)

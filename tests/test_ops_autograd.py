@@ -1,22 +1,22 @@
-"""Fused layers behave like nn.Linear + activation where autograd users take them: double backward
-(create_graph=True), batched gradients (vmap, jacobian(vectorize=True), is_grads_batched,
-torch.func), forward-mode AD, autocast, and non-strided layouts (sparse, mkldnn, nested).
-
-Every comparison is with the same computation in plain PyTorch ops (conftest.reference), in float64
-unless the feature is about another dtype (autocast)."""
+"""torch_ext/ops.py under autograd's other modes: gradcheck and gradgradcheck, second
+derivatives, torch.func and vmap (no batched tensor reaches a kernel), forward-mode AD, autocast,
+non-strided layouts."""
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import fusedlinear
-from conftest import ACTIVATIONS, make_inputs, reference
-from fusedlinear import FusedLinearFunction, fused_chain, fused_linear
+from conftest import ACTIVATIONS, assert_close, make_inputs, reference
+from fusedlinear import FusedLinearFunction, backend, fused_chain, fused_linear
+from fusedlinear.backend import numba_cpu
 from fusedlinear.torch_ext import FusedChainFunction
 
 SLOPE = 0.2  # leaky_relu with a slope other than the default 0.01, so a slope mix-up shows
+
 
 # float64 against float64: the fused path and the reference differ only in summation order
 # (~K * 1e-16 with K <= 7 here), so 1e-10 leaves a wide margin and still catches any formula error.
@@ -35,9 +35,6 @@ def _chain_reference(x, layers):
     for w, b, activation, slope in layers:
         x = reference(x, w, b, activation, slope)
     return x
-
-
-# ---------------------------------------------------------------- double backward
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -126,9 +123,6 @@ def test_first_order_gradients_under_create_graph_equal_the_kernels():
         torch.testing.assert_close(g, p, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- batched gradients
-
-
 def _function_pairs(activation):
     """(fused, plain) pairs of functions of (x, w, b): one layer, and a chain of two."""
     fused = lambda x, w, b: fused_linear(x, w, b, activation, SLOPE)
@@ -211,8 +205,6 @@ def test_per_sample_gradients_of_a_module():
             torch.testing.assert_close(g, r, **EXACT)
 
 
-# ---------------------------------------------------------------- autocast
-
 # Under autocast both the fused layer and nn.Linear compute in bfloat16 (8-bit mantissa: one
 # rounding is a relative step of 2**-8 ~ 0.004). They run the same casts and the same F.linear
 # (the fused layer takes backend 'torch' for bfloat16), but the activation's backward is rounded
@@ -260,9 +252,6 @@ def test_autocast_leaves_float64_alone():
     torch.testing.assert_close(out, reference(x, w, b, "tanh"), **EXACT)
 
 
-# ---------------------------------------------------------------- layouts
-
-
 def _njt(rows, k):
     return torch.nested.nested_tensor([torch.randn(r, k, dtype=torch.float64) for r in rows], layout=torch.jagged)
 
@@ -307,9 +296,6 @@ def test_layout_torch_cannot_run_names_the_layout_and_fix():
     assert "weight is layout torch.sparse_coo" in message and "weight.to_dense()" in message
 
 
-# ---------------------------------------------------------------- chains and slopes
-
-
 def test_empty_chain_returns_its_input_like_an_empty_sequential():
     x = torch.randn(3, 4)
     assert fused_chain(x, []) is x is nn.Sequential()(x)
@@ -320,3 +306,25 @@ def test_integer_slope_is_the_same_as_float():
     x, w, b = make_inputs((3,), 4, 5, torch.float64)
     torch.testing.assert_close(fused_linear(x, w, b, "leaky_relu", 1), fused_linear(x, w, b, "leaky_relu", 1.0), **EXACT)
     torch.testing.assert_close(fused_linear(x, w, b, "leaky_relu", 1), reference(x, w, b, "leaky_relu", 1.0), **EXACT)
+
+
+def test_batched_gradients_never_reach_a_kernel_address(monkeypatch):
+    """vmap's batched tensors have no storage: the ops' registered vmap rules compute them with
+    torch ops, so no kernel is handed a batched tensor's address (here: a kernel call fails)."""
+    x, w, b = make_inputs((5,), 6, 3, torch.float64, seed=7)
+    with torch.no_grad():
+        a, z = numba_cpu.forward(x, w, b, "gelu", 0.01)
+
+    def refuse(*args):
+        raise AssertionError("a batched tensor reached the numba backend")
+
+    monkeypatch.setattr(numba_cpu, "forward", refuse)
+    monkeypatch.setattr(numba_cpu, "backward", refuse)
+    grads = torch.randn(4, 5, 3, dtype=torch.float64)
+    got = torch.vmap(lambda g: torch.ops.fusedlinear.linear_act_backward(g, z, x, w, "gelu", 0.01, [True] * 3))(grads)
+    want = [backend.implementation("torch").backward(g, z, x, w, "gelu", 0.01, (True, True, True)) for g in grads]
+    for i, name in enumerate(("dX", "dW", "db")):
+        assert_close(got[i], torch.stack([v[i] for v in want]), torch.float64, name)
+    xs = torch.randn(4, 5, 6, dtype=torch.float64)
+    got = torch.vmap(lambda xi: torch.ops.fusedlinear.linear_act(xi, w, b, "gelu", 0.01)[0])(xs)
+    assert_close(got, F.gelu(F.linear(xs, w, b)), torch.float64, "vmap forward")

@@ -1,4 +1,8 @@
-"""The registered torch.library ops: opcheck, and torch.compile(fullgraph=True) without graph breaks."""
+"""torch_ext/ops.py's torch.library ops: opcheck, torch.compile(fullgraph=True) against eager, and
+eager and compiled calls taking the same op through the dispatcher, and the public Functions'
+return values."""
+
+import inspect
 
 import pytest
 import torch
@@ -6,6 +10,7 @@ from torch import nn
 
 import fusedlinear
 from conftest import ACTIVATIONS, make_inputs
+from fusedlinear import backend
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -70,6 +75,89 @@ def test_compile_reports_the_eager_error():
     f = torch.compile(lambda x, w: fusedlinear.FusedLinearFunction.apply(x, w, None, "relu", 0.01), fullgraph=True)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"last dimension is 16.*in_features=15"):
         f(x, w[:, :15])
+
+
+X, W, B = make_inputs((4,), 3, 5, torch.float64, seed=1)
+
+
+def _count_kernel_calls(monkeypatch):
+    """Counts route() calls from the ops' CPU implementations (the only door to a kernel)."""
+    calls = {"_linear_act": 0, "_linear_act_backward": 0}
+    route = backend.route
+
+    def counting(*args, **kwargs):
+        caller = inspect.currentframe().f_back.f_code.co_name
+        if caller in calls:
+            calls[caller] += 1
+        return route(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "route", counting)
+    return calls
+
+
+def _mnist_like():
+    torch.manual_seed(0)
+    return fusedlinear.fuse(nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(),
+                                          nn.Linear(16, 4)))
+
+
+@pytest.mark.slow
+def test_eager_and_compiled_take_the_same_op(monkeypatch):
+    """Three fused layers: a training step calls the op's CPU implementation three times forward
+    and three times backward, eager (one FusedChainFunction node) and compiled alike."""
+    model = _mnist_like()
+    compiled = torch.compile(model, fullgraph=True)
+    x, y = torch.randn(5, 1, 4, 5), torch.randint(0, 4, (5,))
+    nn.functional.cross_entropy(compiled(x), y).backward()  # compile outside the count
+    grads = []
+    for run in (model, compiled):
+        calls = _count_kernel_calls(monkeypatch)
+        model.zero_grad()
+        nn.functional.cross_entropy(run(x), y).backward()
+        assert calls == {"_linear_act": 3, "_linear_act_backward": 3}, (run, calls)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        monkeypatch.undo()
+    for g_compiled, g_eager in zip(*grads[::-1]):
+        torch.testing.assert_close(g_compiled, g_eager, atol=1e-6, rtol=1e-5)
+
+
+def test_eager_calls_go_through_the_dispatcher():
+    """Under a TorchDispatchMode (as FlopCounterMode and make_fx see them) eager calls show the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = W.clone().requires_grad_()
+    with Record():
+        fusedlinear.fused_linear(X, w, B, "tanh").sum().backward()
+    assert "fusedlinear.linear_act.default" in seen and "fusedlinear.linear_act_backward.default" in seen, seen
+
+
+def test_public_functions_keep_their_api():
+    """FusedLinearFunction.apply -> (A, Z-or-empty); FusedChainFunction.apply -> h_L alone (its node
+    returns the intermediates too, for setup_context), one FusedChainFunctionBackward node, eager
+    and under torch.func.grad alike."""
+    from fusedlinear import FusedLinearFunction
+    from fusedlinear.torch_ext import FusedChainFunction
+
+    w2 = torch.randn(2, 5, dtype=torch.float64)
+    a, z = FusedLinearFunction.apply(X, W, B, "gelu", 0.01)
+    torch.testing.assert_close(a, torch.nn.functional.gelu(X @ W.T + B))
+    torch.testing.assert_close(z, X @ W.T + B)  # gelu keeps Z
+    spec = (("gelu", 0.01, True), ("tanh", 0.01, False))
+    w = W.clone().requires_grad_()
+    out = FusedChainFunction.apply(X, spec, w, B, w2)
+    want = fusedlinear.fused_chain(X, [(W, B, "gelu", 0.01), (w2, None, "tanh", 0.01)])
+    assert isinstance(out, torch.Tensor) and type(out.grad_fn).__name__ == "FusedChainFunctionBackward"
+    torch.testing.assert_close(out, want)
+    grad = torch.func.grad(lambda w: FusedChainFunction.apply(X, spec, w, B, w2).sum())(W)
+    want_grad = torch.func.grad(lambda w: torch.tanh(torch.nn.functional.gelu(X @ w.T + B) @ w2.T).sum())(W)
+    torch.testing.assert_close(grad, want_grad)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "leaky_relu"])

@@ -1,5 +1,5 @@
-"""fused_chain / FusedSequential: several layers as one autograd node, equal to layer-by-layer
-calls and to plain PyTorch in float64, output and every gradient."""
+"""torch_ext/ops.py's fused_chain (and FusedSequential, which runs it): several layers as one
+autograd node, equal to layer-by-layer PyTorch."""
 
 import pytest
 import torch
@@ -154,7 +154,6 @@ def test_chain_every_thread_count_and_blas(threads, blas, monkeypatch):
             _check_chain(x, _layers((190, 170, 230, 9), ["silu", "relu", "identity"], torch.float64))
     finally:
         torch.set_num_threads(previous)
-
 
 
 @pytest.mark.parametrize("rows,widths", [(0, (5, 4, 3)), (6, (5, 0, 3)), (6, (0, 4, 3))])

@@ -1,7 +1,5 @@
-"""The CPU kernels' disk cache: keyed by what generates the kernels, filled one kernel at a time.
-
-Each test runs fresh processes sharing one empty NUMBA_CACHE_DIR, as a user's installs would.
-"""
+"""kernels/cpu_cache.py, the CPU kernels' disk cache: keyed by what generates the kernels, filled
+one kernel at a time, damaged files rebuilt, the warm path without Numba, unusable locations."""
 
 import json
 import os
@@ -10,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from conftest import run_python
 
 # One fused layer, forward and backward with every gradient, printed as JSON: its largest
 # difference from float64 PyTorch (with relu's formulas scaled by SCALE, 1 unless the table is
@@ -124,22 +123,6 @@ def test_kernels_compiled_in_different_processes_keep_their_own_activation(tmp_p
     assert together["diff"] < TOL, together
 
 
-def test_train_loads_the_models_kernels_before_its_first_step():
-    """`fusedlinear train` compiles (and announces) the model's kernels before its progress bar:
-    the fused ReLU layers' and the plain final nn.Linear's, which runs as identity in the chain."""
-    from fusedlinear import train
-    from fusedlinear.kernels import cpu
-
-    cfg = train.TrainConfig(device="cpu")
-    if train.backend_for(cfg) != "numba":
-        pytest.skip("the numba backend is not the one selected here")
-    train.prepare_kernels(train.make_model(True, 0, "cpu"), cfg)
-    assert {(phase, act, "float32") for phase in ("forward", "backward_columns") for act in ("relu", "identity")} | {
-        ("backward_rows", None, "float32")} <= set(cpu.loaded())
-
-
-# ---- the warm path: cached kernels as native shared objects, loaded without Numba -------------
-
 def _manifests(cache):
     folder = cache / "fusedlinear-cpu"
     return {name[:-5]: json.loads((folder / name).read_text()) for name in os.listdir(folder)
@@ -170,8 +153,6 @@ def test_without_a_linker_the_warm_start_falls_back_to_numbas_cache(tmp_path):
     assert warm["diff"] == cold["diff"] and warm["numba"]
     assert "fusedlinear" not in warm_err  # loaded from Numba's cache: nothing compiled, nothing warned
 
-
-# ---- a cache that cannot crash a process ------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def pristine_cache(tmp_path_factory):
@@ -247,159 +228,6 @@ def test_four_processes_cold_starting_on_one_empty_cache(tmp_path):
     assert "fusedlinear" not in fifth_err
 
 
-# ---- the BLAS and tile choice, measured once per machine and shape ----------------------------
-
-@pytest.fixture
-def fresh_tuning(tmp_path, monkeypatch):
-    """The backend as a new process finds it, with its tuning file in tmp_path; returns
-    (restart, timed): ``restart()`` forgets what this 'process' measured and planned, ``timed``
-    lists the candidates timed so far."""
-    from fusedlinear.backend import numba_cpu
-    from fusedlinear.kernels import cpu_cache
-
-    if numba_cpu.blas_libraries().keys() != {"mkl", "openblas"}:
-        pytest.skip("needs both PyTorch's MKL and scipy's OpenBLAS")
-    monkeypatch.setattr(cpu_cache, "cache_dir", lambda: str(tmp_path))  # the tuning file only; kernels stay
-    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", "auto")
-    timed = []
-    time_plans = numba_cpu._time_plans
-
-    def counting(plans, *args):
-        timed.extend(plans)
-        return time_plans(plans, *args)
-
-    monkeypatch.setattr(numba_cpu, "_time_plans", counting)
-
-    def restart():
-        monkeypatch.setattr(numba_cpu, "_tuning", {"choices": None, "spent": 0.0, "announced": True})
-        monkeypatch.setattr(numba_cpu, "_plans", {})
-
-    restart()
-    return restart, timed
-
-
-def _layer_call():
-    import fusedlinear
-
-    x, w = torch.randn(64, 300), torch.randn(200, 300, requires_grad=True)
-    out = fusedlinear.fused_linear(x, w, None, "relu")
-    torch.testing.assert_close(out, torch.relu(x @ w.T), atol=1e-4, rtol=1e-4)  # float32, K = 300
-    return out
-
-
-def test_blas_choice_is_measured_once_then_read_from_the_machines_file(fresh_tuning, tmp_path):
-    from fusedlinear.backend import numba_cpu
-
-    restart, timed = fresh_tuning
-    _layer_call()
-    candidates = len(timed)
-    assert candidates >= 2  # both libraries (and, with 2+ threads, both tile layouts)
-    (path,) = tmp_path.glob("tuning_*.json")
-    choices = json.loads(json.loads(path.read_text())["payload"])
-    assert list(choices) == [numba_cpu._shape_class(torch.zeros(64, 300), torch.zeros(200, 300), None)]
-    restart()  # a new process: reads the file, times nothing
-    _layer_call()
-    assert len(timed) == candidates
-    assert numba_cpu._choices() == choices
-
-
-@pytest.mark.parametrize("changed", ["cpu", "vector_bits", "openblas", "torch", "forced"])
-def test_another_cpu_or_library_version_tunes_again(fresh_tuning, tmp_path, monkeypatch, changed):
-    from fusedlinear.backend import numba_cpu
-
-    restart, timed = fresh_tuning
-    _layer_call()
-    first = len(timed)
-    key = numba_cpu.machine_key()
-    monkeypatch.setattr(numba_cpu, "machine_key", lambda: {**key, changed: f"another {key[changed]}"})
-    restart()
-    _layer_call()
-    assert len(timed) == 2 * first  # timed again, into a second file
-    assert len(list(tmp_path.glob("tuning_*.json"))) == 2
-
-
-def test_forced_blas_is_not_measured(fresh_tuning, monkeypatch):
-    from fusedlinear.backend import numba_cpu
-    from fusedlinear.kernels import cpu_params as slots
-
-    restart, timed = fresh_tuning
-    monkeypatch.setattr(numba_cpu, "BLAS_CHOICE", "mkl")
-    restart()
-    _layer_call()
-    assert timed == []
-    (plan,) = numba_cpu._plans.values()
-    assert all(template[slots.P_GEMM] == numba_cpu.blas_libraries()["mkl"]["float32"] for _, _, template, _ in plan.launches)
-
-
-@pytest.mark.parametrize("choice", ["mkl/whole", "mkl/bands", "openblas/columns"])
-def test_every_layout_the_tuner_can_pick_computes_the_right_values(fresh_tuning, monkeypatch, choice):
-    """With 2 threads MKL's whole-matrix calls are a measured candidate beside the tiles (never
-    OpenBLAS's: its own threads would be a second pool); each choice runs, forward and backward,
-    float32 and float64, with the values of float64 PyTorch."""
-    import fusedlinear
-    from conftest import torch_threads
-    from fusedlinear.backend import numba_cpu
-    from fusedlinear.kernels import cpu_params as slots
-
-    restart, timed = fresh_tuning
-    with torch_threads(2):
-        numba_cpu.forward(torch.randn(300, 200), torch.randn(100, 200), None, "relu", 0.0)
-        assert set(timed) == {"mkl/whole", "mkl/columns", "mkl/bands", "openblas/columns", "openblas/bands"}
-        restart()
-        monkeypatch.setattr(numba_cpu, "_choose", lambda *args: choice)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
-            x, w = torch.randn(300, 200, dtype=dtype), torch.randn(100, 200, dtype=dtype, requires_grad=True)
-            out = fusedlinear.fused_linear(x, w, None, "relu")
-            out.backward(torch.ones_like(out))
-            z = x.double() @ w.detach().double().T
-            torch.testing.assert_close(out.double(), z.relu(), atol=tol, rtol=tol)
-            torch.testing.assert_close(w.grad.double(), (z > 0).double().T @ x.double(), atol=tol * 10, rtol=tol)
-        wholes = {template[slots.P_WHOLE] for plan in numba_cpu._plans.values() for _, _, template, _ in plan.launches}
-        assert (1 in wholes) == (choice == "mkl/whole")
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_on_one_thread_a_descheduled_run_does_not_look_slow(fresh_tuning, monkeypatch, threads):
-    """A shared machine that takes the CPU away for a second in every run: on one thread the
-    runs are timed in this thread's CPU time, and the choice is still measured; with a team
-    (wall time) every run looks too slow, and the table's choice is taken."""
-    import time as real_time
-    import types
-
-    from conftest import torch_threads
-    from fusedlinear.backend import numba_cpu
-
-    restart, _ = fresh_tuning
-    wall = [0.0]
-
-    def descheduled():  # each reading a second later than the last
-        wall[0] += 1.0
-        return wall[0]
-
-    monkeypatch.setattr(numba_cpu, "time", types.SimpleNamespace(perf_counter=descheduled, thread_time=real_time.thread_time))
-    results = []
-    time_plans = numba_cpu._time_plans
-    monkeypatch.setattr(numba_cpu, "_time_plans", lambda *args: results.append(time_plans(*args)) or results[-1])
-    with torch_threads(threads):
-        _layer_call()
-    assert results and (results[0] is not None) == (threads == 1)
-
-
-def test_a_damaged_tuning_file_is_measured_again_with_one_warning(fresh_tuning, tmp_path):
-    restart, timed = fresh_tuning
-    _layer_call()
-    first = len(timed)
-    (path,) = tmp_path.glob("tuning_*.json")
-    path.write_bytes(path.read_bytes()[:-20])
-    restart()
-    with pytest.warns(RuntimeWarning, match="tuning_.*is damaged.*rebuilding it"):
-        _layer_call()
-    assert len(timed) == 2 * first
-    restart()
-    _layer_call()  # whole again
-    assert len(timed) == 2 * first
-
-
 @pytest.mark.slow
 def test_kernels_built_for_another_cpu_are_never_loaded(tmp_path):
     # NUMBA_CPU_NAME=generic stands in for another machine's CPU sharing the cache directory.
@@ -422,3 +250,44 @@ def test_kernels_built_for_another_cpu_are_never_loaded(tmp_path):
     assert not warm["numba"] and "fusedlinear" not in warm_err
     back, back_err = _run(tmp_path, NUMBA_CPU_NAME="generic")  # the other CPU's groups are still whole
     assert not back["numba"] and "fusedlinear" not in back_err and back["diff"] == other["diff"]
+
+
+def test_impossible_cache_locations_still_work():
+    """NUMBA_CACHE_DIR and HOME that cannot be written: the kernels fall back and still compute."""
+    code = ("import torch, fusedlinear; x = torch.randn(5, 7, dtype=torch.float64); w = torch.randn(3, 7, dtype=torch.float64); "
+            "print(torch.allclose(fusedlinear.fused_linear(x, w, None, 'relu'), torch.relu(x @ w.T)))")
+    out = run_python(code, NUMBA_CACHE_DIR="/proc/fusedlinear-no-cache", HOME="/proc/fusedlinear-no-home")
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_no_cache_location_at_all_warns_once_and_works(monkeypatch):
+    from numba.core import caching
+
+    from fusedlinear.kernels import cpu
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    with pytest.warns(RuntimeWarning, match="no writable Numba cache location"):
+        assert cpu._cache_available() is False
+
+
+def _avx512_host() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (_avx512_host() and shutil.which("objdump") and shutil.which("cc")),
+                    reason="needs an AVX-512 host, objdump and a C compiler")
+def test_native_kernels_respect_numba_cpu_name(tmp_path):
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "from fusedlinear import backend\n"
+            "backend.prepare_cpu_kernels(['relu'], 'float64')\n")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    objects = list((tmp_path / "fusedlinear-cpu").glob("*.so"))
+    assert objects, "no native kernel was built"
+    for so in objects:
+        text = subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+        assert "zmm" not in text and "%k1" not in text, f"{so.name} holds AVX-512 instructions"

@@ -1,12 +1,68 @@
-"""The command line refuses bad input as a new user types it: one line on stderr naming the value
-and the fix, exit status 2, no traceback, and nothing done first (no training before a refusal)."""
+"""src/fusedlinear/cli.py, the fusedlinear command: train reaches its target, --compare and
+--idx-dir, --plot, info; bad input is one line and exit status 2; Ctrl-C is one line and 130."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from conftest import fusedlinear_cli, write_idx_set
+from fusedlinear import mnist, train
+
+
+@pytest.mark.slow
+def test_default_train_reaches_target(tmp_path):
+    """`fusedlinear train` as a new user runs it: >= 0.96 test accuracy on the bundled split."""
+    out = fusedlinear_cli("train", "--no-progress", "--json", str(tmp_path / "run.json"), "--save", str(tmp_path / "m.pt"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "run.json").read_text())
+    for key in ("test_accuracy", "final_loss", "epochs", "seconds", "samples_per_s", "device", "backend"):
+        assert key in summary
+    assert summary["backend"] == "numba" and summary["device"] == "cpu" and summary["epochs"] == 10
+    assert summary["test_accuracy"] >= 0.96, summary["test_accuracy"]
+    model = mnist.NeuralNetwork()
+    model.load_state_dict(torch.load(tmp_path / "m.pt"), strict=True)
+    data = mnist.load_bundled()
+    assert abs(train.evaluate(model, data.test_images, data.test_labels) - summary["test_accuracy"]) < 1e-9
+
+
+def test_compare_and_idx_dir_cli(tmp_path):
+    write_idx_set(str(tmp_path), n_train=64, n_test=32)
+    out = fusedlinear_cli("train", "--compare", "--epochs", "2", "--batch-size", "16", "--no-progress", "--data-dir",
+               str(tmp_path), "--json", str(tmp_path / "c.json"))
+    assert out.returncode == 0, out.stderr
+    assert "largest per-step loss difference" in out.stdout and "speed of eager" in out.stdout
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert summary["max_loss_difference"] < 1e-4 and summary["epochs"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--data-dir", "/nonexistent/dir"], "/nonexistent/dir is not a directory"),
+    (["--device", "cuda:7"], "CUDA GPU(s); use --device cpu"),
+])
+def test_cli_bad_options(args, message):
+    out = fusedlinear_cli("train", "--no-progress", *args)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_info_runs():
+    out = fusedlinear_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert "numba" in out.stdout and "cpu" in out.stdout and "JIT caches" in out.stdout
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = fusedlinear_cli("train", "--epochs", "2", "--no-progress", "--compare", "--plot", str(tmp_path / "curves.png"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 CASES = [
     # (environment, arguments, what the one line must say)
@@ -46,14 +102,9 @@ CASES = [
 ]
 
 
-def _cli(env, args):
-    return subprocess.run([sys.executable, "-m", "fusedlinear", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
-
-
 @pytest.mark.parametrize("env, args, message", CASES, ids=[" ".join(c[1]) + (f" {c[0]}" if c[0] else "") for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(env, args, message):
-    out = _cli(env, args)
+    out = fusedlinear_cli(*args, env=env, timeout=300)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
@@ -61,7 +112,7 @@ def test_bad_input_is_one_line_and_exit_2(env, args, message):
 
 
 def test_compare_with_save_is_refused_before_training(tmp_path):
-    out = _cli({}, ["train", "--compare", "--save", str(tmp_path / "m.pt"), "--no-progress"])
+    out = fusedlinear_cli("train", "--compare", "--save", str(tmp_path / "m.pt"), "--no-progress", timeout=300)
     assert out.returncode == 2 and "--save needs a single training run: drop --compare" in out.stderr, out.stderr
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1  # nothing trained, nothing printed
     assert not (tmp_path / "m.pt").exists()
@@ -73,7 +124,7 @@ def test_unwritable_save_path_is_refused_before_training(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        out = _cli({}, ["train", "--save", str(locked / "m.pt"), "--no-progress"])
+        out = fusedlinear_cli("train", "--save", str(locked / "m.pt"), "--no-progress", timeout=300)
     finally:
         locked.chmod(0o700)
     assert out.returncode == 2 and "cannot be written here; choose a writable path" in out.stderr, out.stderr
