@@ -40,11 +40,10 @@ import torch
 
 from ..kernels import activations as _acts
 from ..kernels import cuda as _cuda
-from .layout import matrix_operand
+from .layout import DTYPE_NAMES, matrix_operand
 
 ENGINE_VAR = "FUSEDLINEAR_CUDA_GEMM"
 ENGINES = ("vendor", "own")
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 _SAVES = {name: act.saves for name, act in _acts.ACTIVATIONS.items()}  # what backward needs: "a", "z" or "none"
 
 
@@ -97,7 +96,7 @@ def vendor_forward(x, w, b, activation, slope, launch):
         z = z.contiguous()
     keep_z = _SAVES[activation] == "z"
     a = torch.empty_like(z) if keep_z else z
-    launch(_cuda.act_forward_plan(_DTYPES[x.dtype], z.numel(), activation, float(slope)), {"a": a, "z": z}, x.device)
+    launch(_cuda.act_forward_plan(DTYPE_NAMES[x.dtype], z.numel(), activation, float(slope)), {"a": a, "z": z}, x.device)
     return a, (z if keep_z else x.new_empty(0))
 
 
@@ -124,7 +123,7 @@ def _grad_pass(grad, saved, x, activation, slope, mask, launch, rows_needed=Fals
             buffers["dz"] = dz
         if _SAVES[activation] != "none":
             buffers["saved"] = saved if saved.is_contiguous() else saved.contiguous()
-        launch(_cuda.grad_plan(_DTYPES[x.dtype], m, n, grad.stride(), activation, float(slope), want_dz, want_db),
+        launch(_cuda.grad_plan(DTYPE_NAMES[x.dtype], m, n, grad.stride(), activation, float(slope), want_dz, want_db),
                buffers, x.device)
     return dz, db
 
@@ -139,7 +138,7 @@ def vendor_backward(grad, saved, x, w, activation, slope, mask, launch):
 
 def own_forward(x, w, b, activation, slope, launch):
     """The own GEMM with the epilogue fused in (float32/float64; other dtypes: vendor_forward)."""
-    dtype = _DTYPES[x.dtype]
+    dtype = DTYPE_NAMES[x.dtype]
     if dtype not in _cuda.GEMM_DTYPES:
         return vendor_forward(x, w, b, activation, slope, launch)
     (m, k), n = x.shape, w.shape[0]
@@ -157,7 +156,7 @@ def own_forward(x, w, b, activation, slope, launch):
 
 def own_backward(grad, saved, x, w, activation, slope, mask, launch):
     """The dZ + db pass, then dX and dW by the own GEMM (float32/float64; other dtypes: vendor)."""
-    dtype = _DTYPES[x.dtype]
+    dtype = DTYPE_NAMES[x.dtype]
     if dtype not in _cuda.GEMM_DTYPES:
         return vendor_backward(grad, saved, x, w, activation, slope, mask, launch)
     (m, k), n = x.shape, w.shape[0]

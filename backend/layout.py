@@ -1,8 +1,12 @@
-"""How a 2-D tensor reaches a kernel without a copy: (tensor, leading dimension, stored transposed?)."""
+"""How a tensor reaches a kernel: its dtype's name in the kernels' tables (:data:`DTYPE_NAMES`), and a
+2-D tensor without a copy: (tensor, leading dimension, stored transposed?)."""
 
 from __future__ import annotations
 
 import torch
+
+# torch dtype -> the name the kernels' tables (kernels/cpu.py, kernels/cuda.py) use for it
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
 def matrix_operand(t: torch.Tensor, transposed_ok: bool = True):

@@ -60,7 +60,7 @@ from ..kernels import tiling
 from ..kernels.cpu_params import P_A, P_BLAS_THREADS, P_DA, P_DB, P_DW, P_DX, P_DZ, P_SAVED, P_X, P_Z
 from .cpu_runtime import FORK
 from .notices import warn_once
-from .layout import matrix_operand
+from .layout import DTYPE_NAMES, matrix_operand
 
 _cpu = None  # fusedlinear.kernels.cpu, imported on first use (it compiles or loads the kernels)
 
@@ -147,8 +147,7 @@ def threading_report() -> str:
             else "no OpenMP runtime found: single-threaded kernels")
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
-_SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in _DTYPE_NAMES}
+_SCALARS = {dtype: (torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype)) for dtype in (torch.float32, torch.float64)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,9 +155,9 @@ def _entry(phase: str, activation: str, dtype) -> tuple[int, object]:
     """(address, ctypes callable) of the kernel for ``phase``, ``activation`` and ``dtype``: the
     cached native shared object when there is an intact one (no Numba import), else loaded from
     Numba's cache or compiled on first use (kernels.cpu.load, which also rebuilds a damaged one)."""
-    address = cpu_cache.load_native(phase, None if phase == "backward_rows" else activation, _DTYPE_NAMES[dtype])
+    address = cpu_cache.load_native(phase, None if phase == "backward_rows" else activation, DTYPE_NAMES[dtype])
     if address is None:
-        address = _kernels().load([(phase, activation, _DTYPE_NAMES[dtype])])[0].address
+        address = _kernels().load([(phase, activation, DTYPE_NAMES[dtype])])[0].address
     return address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
 
 
@@ -200,7 +199,7 @@ def _template(dtype, library: str) -> tuple[int, ...]:
     blas = blas_libraries()[library]
     one, zero = _SCALARS[dtype]
     p = [0] * slots.N_PARAMS
-    p[slots.P_GEMM] = blas[_DTYPE_NAMES[dtype]]
+    p[slots.P_GEMM] = blas[DTYPE_NAMES[dtype]]
     p[slots.P_BLAS_THREADS] = blas["threads_fn"]
     p[slots.P_ALPHA], p[slots.P_BETA] = one.data_ptr(), zero.data_ptr()
     return tuple(p)
@@ -308,7 +307,7 @@ def _table_choice(m: int, threads: int) -> str:
 def _shape_class(x, w, mask) -> str:
     (m, k), n = x.shape, w.shape[0]
     what = "forward" if mask is None else "backward" + "".join("xwb"[i] for i in range(3) if mask[i])
-    return f"{_DTYPE_NAMES[x.dtype]} {what} m<={1 << (m - 1).bit_length()} n={n} k={k} threads={torch.get_num_threads()}"
+    return f"{DTYPE_NAMES[x.dtype]} {what} m<={1 << (m - 1).bit_length()} n={n} k={k} threads={torch.get_num_threads()}"
 
 
 def _choose(x, w, b, activation, slope, mask) -> str:
