@@ -157,8 +157,12 @@ MUTATIONS = [
          tests=[T_DISPATCH, "-k", "nests"],
          bug="leaving a nested use_backend block forgets the outer block's choice"),
     dict(id="dispatch-key-dtype", file="backend/__init__.py",
-         old="key = (_forced or os.environ.get(ENV_VAR), x.device.type, x.dtype)",
-         new="key = (_forced or os.environ.get(ENV_VAR), x.device.type)",
+         old="_environ_get(ENV_VAR) or None, device, x.dtype))\n    if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached\n"
+             "        forced = forced_backend()\n        name = select(x.device, x.dtype)\n        module = implementation(name)\n"
+             "        if name != \"torch\" or forced:\n            _chosen[(forced, device, x.dtype)] = module",
+         new="_environ_get(ENV_VAR) or None, device))\n    if module is None:  # fallbacks (which warn) and refusals (which raise) are not cached\n"
+             "        forced = forced_backend()\n        name = select(x.device, x.dtype)\n        module = implementation(name)\n"
+             "        if name != \"torch\" or forced:\n            _chosen[(forced, device)] = module",
          tests=[T_DISPATCH, "-k", "half_precision"],
          bug="the dispatch cache ignores the dtype: after a float32 call, bfloat16 goes to the float kernels"),
     # ---- backend/cpu_runtime.py: process state the CPU kernels depend on ----
