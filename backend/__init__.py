@@ -108,6 +108,11 @@ def runs(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return (not device_types or device.type in device_types) and (not dtypes or dtype in dtypes)
 
 
+# The route's notices name the op's implementation (fusedlinear.torch_ext.ops: select <- route <- the op)
+# as their source, not the dispatcher's frame above it, so that a module filter for fusedlinear matches.
+_SELECT_FROM_OP = 3
+
+
 def select(device: torch.device, dtype: torch.dtype) -> str:
     """The backend name a call on (device, dtype) uses now."""
     forced = forced_backend()
@@ -127,6 +132,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
             ("unavailable", name),
             f"fusedlinear: backend {name!r} cannot run here ({reason}); using plain PyTorch ops "
             f"(backend 'torch') for {device.type} tensors.",
+            stacklevel=_SELECT_FROM_OP,
         )
         return "torch"
     if not runs(name, device, dtype):
@@ -134,6 +140,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
             ("dtype", device.type, dtype),
             f"fusedlinear: no fused kernel for {dtype} on {device.type}; using plain PyTorch ops "
             f"(backend 'torch') for these calls. Use float32 or float64 for the fused kernels.",
+            stacklevel=_SELECT_FROM_OP,
         )
         return "torch"
     return name
@@ -232,7 +239,7 @@ def route(x, w, b=None, *, graph: bool = False, front: bool = False) -> ModuleTy
             and max(*x.shape, *w.shape, *x.stride(), *w.stride()) > limit):
         warn_once(("too large", module.__name__),
                    f"fusedlinear: a dimension exceeds {module.__name__.rsplit('.', 1)[-1]}'s limit ({limit}, BLAS's "
-                   f"32-bit ints); such calls run through plain PyTorch ops (backend 'torch')")
+                   f"32-bit ints); such calls run through plain PyTorch ops (backend 'torch')", stacklevel=2)
         return implementation("torch")
     return module
 

@@ -271,3 +271,27 @@ def test_environment_variable_forces_the_backend_that_runs(monkeypatch, backends
     monkeypatch.setenv("FUSEDLINEAR_BACKEND", "torch")
     check_against_reference(lambda x, w, b: fusedlinear.fused_linear(x, w, b, "gelu"), x, w, b, "gelu")
     assert backends_ran == [("torch", "forward"), ("torch", "backward")]
+
+
+@pytest.mark.parametrize("case", ["half precision", "over SIZE_MAX"])
+def test_fallback_warnings_are_attributed_to_fusedlinear(monkeypatch, case):
+    """A fallback warning names a fusedlinear module as its source, so that the usual filter
+    ``warnings.filterwarnings("ignore", module="fusedlinear")`` silences it (found by hostile
+    review: with notices.warn_once's extra frame the route's warnings were attributed to
+    ``torch._ops``, the dispatcher's frame, and no module filter for fusedlinear matched)."""
+    monkeypatch.setattr(backend.notices, "_warned", set())
+    if case == "over SIZE_MAX":
+        monkeypatch.setattr(numba_cpu, "SIZE_MAX", 50)
+        x, w, b = make_inputs((7,), 60, 5, torch.float64, seed=8)
+    else:
+        x, w, b = make_inputs((8,), 16, 4, torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fusedlinear.fused_linear(x, w, b, "gelu")
+    (warning,) = [w for w in caught if "fusedlinear:" in str(w.message)]
+    monkeypatch.setattr(backend.notices, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", module=r"fusedlinear\.")
+        fusedlinear.fused_linear(x, w, b, "gelu")  # raises if the warning names another module
+    assert "torch" not in warning.filename.split("site-packages")[-1].split("/")[:2], warning.filename
