@@ -141,6 +141,13 @@ def test_forced_cpu_backend_refuses_cuda_device(monkeypatch):
         cli._check_forced_backend("cuda")
 
 
+def _sigint_as_in_a_terminal():
+    """Run in the child before it starts: SIGINT at its default, as a terminal's foreground job has
+    it. A shell starts background jobs (`cmd &`) with SIGINT ignored and children inherit that;
+    Python then installs no KeyboardInterrupt handler, and a Ctrl-C test would test the shell."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_train_says_one_line_and_exits_130(tmp_path):
     """SIGINT (Ctrl-C) in the middle of training: one line on stderr saying what was interrupted and
@@ -148,6 +155,7 @@ def test_ctrl_c_during_train_says_one_line_and_exits_130(tmp_path):
     half-written one) where --save points."""
     proc = subprocess.Popen([sys.executable, "-m", "fusedlinear", "train", "--epochs", "1000", "--no-progress",
                              "--save", str(tmp_path / "m.pt")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_as_in_a_terminal,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         lines = []
@@ -192,12 +200,14 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line_and_130(tmp_path, ho
         pytest.skip("no fusedlinear console script beside this Python (not pip-installed)")
     command = [sys.executable, "-m", "fusedlinear", "info"] if how == "module" else [sys.executable, script, "info"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                          preexec_fn=_sigint_as_in_a_terminal)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr == "fusedlinear: interrupted (Ctrl-C) while starting; nothing done\n" and proc.stdout == ""
 
 
 def test_importing_the_library_leaves_ctrl_c_alone():
     code = "import signal, fusedlinear; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_sigint_as_in_a_terminal)
     assert proc.stdout.strip() == "True", proc.stderr[-2000:]
