@@ -70,8 +70,7 @@ _LINEAR_ACT_BACKWARD = torch.ops.fusedlinear.linear_act_backward
 
 def _linear_act(input, weight, bias, activation, negative_slope):
     """CPU and CUDA: the backend :func:`fusedlinear.backend.route` picks."""
-    if not (_valid(input, weight, bias, activation, negative_slope) and input.dim() == 2):  # _check_op, inline
-        _check(input, weight, bias, activation, negative_slope, rows=True)
+    _check_op(input, weight, bias, activation, negative_slope)
     return backend.route(input, weight, bias).forward(input, weight, bias, activation, negative_slope)
 
 
