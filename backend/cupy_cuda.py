@@ -21,7 +21,9 @@ by PyTorch (its caching allocator and graph pools); nothing synchronises with th
 atomics, so results are deterministic. float16/bfloat16: element-wise math and db in float32.
 Operands may have padded rows (read in place); other layouts are copied (``.contiguous()``) for
 the own GEMM only, PyTorch's GEMMs take any strides; the dZ+db pass reads dA with any strides
-(stride 0 too: the expanded gradient of ``.sum()`` is not copied).
+(stride 0 too: the expanded gradient of ``.sum()`` is not copied). The element-wise kernels
+move 16 bytes per load and store (8 float16/bfloat16, 4 float32 or 2 float64 elements) where the
+addresses allow it, element by element elsewhere, with the same results either way.
 
 Host cost per call (benchmarks/host_overhead.py measures it with the CuPy launch stubbed): plans
 are cached per shape and carry their prebuilt argument blocks (kernels.cuda.Plan); with one

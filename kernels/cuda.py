@@ -45,6 +45,7 @@ SOURCES = {"elementwise": os.path.join(HERE, "fl_elementwise.cu"), "gemm": os.pa
 # dtype name -> kernel-name tag; the element-wise kernels take every float dtype, the own GEMM two.
 TAGS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
 GEMM_DTYPES = ("float32", "float64")
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}  # bytes per element (16-byte loads: tiling.cuda_vector)
 # The compute (and db partial-sum) type of each storage dtype: float for the 16-bit types, as PyTorch.
 COMPUTE_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
 
@@ -185,7 +186,7 @@ def act_forward_plan(dtype: str, count: int, activation: str, slope: float) -> t
     The identity needs no launch."""
     if activation == "identity":
         return Plan()
-    grid, block = tiling.cuda_elementwise_grid(count)
+    grid, block = tiling.cuda_elementwise_grid(count, tiling.cuda_vector(ITEMSIZE[dtype]))
     return Plan((Launch("elementwise", act_forward_name(activation, dtype), grid, block,
                         (_ptr("a"), _ptr("z"), ("i64", count), ("f64", float(slope)))),))
 
@@ -199,7 +200,8 @@ def grad_plan(dtype: str, m: int, n: int, da_strides: tuple[int, int], activatio
     is wanted."""
     if not (want_dz or want_db):
         return Plan()
-    grid, block = tiling.cuda_grad_grid(m, n, tiling.CUDA_GRAD_LANES_F64 if dtype == "float64" else tiling.CUDA_GRAD_LANES)
+    grid, block = tiling.cuda_grad_grid(m, n, tiling.CUDA_GRAD_LANES_F64 if dtype == "float64" else tiling.CUDA_GRAD_LANES,
+                                        tiling.cuda_vector(ITEMSIZE[dtype]))
     saves = _acts.ACTIVATIONS[activation].saves != "none"
     return Plan((Launch("elementwise", grad_name(activation, dtype), grid, block, (
         _ptr("dz" if want_dz else None), _ptr("db" if want_db else None), _ptr("da"),

@@ -23,55 +23,119 @@
 typedef long long i64;
 
 // a[i] = g(z[i]) over `count` contiguous elements; a == z is allowed (in place: each thread reads
-// its element before writing it), hence no __restrict__.
+// its element before writing it), hence no __restrict__. When both addresses are multiples of 16
+// (always so for PyTorch's fresh allocations; a view may not be) the first count - count % V
+// elements move as 16-byte vectors of V = fl_vec<S>::N, each thread taking whole vectors; the
+// rest, or everything when unaligned, one element at a time. The condition is the same for every
+// thread of the launch, and both ways compute each element by the same formula.
 template <int ACT, typename S>
 __device__ __forceinline__ void fl_act_forward_body(S* a, const S* z, i64 count, double slope)
 {
     typedef typename fl_num<S>::C C;
+    constexpr int V = fl_vec<S>::N;
     const C s = (C)slope;
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride)
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 done = 0;
+    if (fl_aligned16(a) && fl_aligned16(z)) {
+        const i64 vectors = count / V;
+        for (i64 i = first; i < vectors; i += stride) {
+            fl_vec<S> v = fl_load16(z + i * V);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                v.v[j] = fl_num<S>::store(fl_act_forward<ACT, C>(fl_num<S>::load(v.v[j]), s));
+            fl_store16(a + i * V, v);
+        }
+        done = vectors * V;
+    }
+    for (i64 i = done + first; i < count; i += stride)
         a[i] = fl_num<S>::store(fl_act_forward<ACT, C>(fl_num<S>::load(z[i]), s));
+}
+
+// One dZ element: dA ⊙ g'(v) (v: the saved element, 0 if none), rounded to S; added to the
+// column's sum as that rounded value.
+template <int ACT, typename S>
+__device__ __forceinline__ S fl_grad_one(S da, typename fl_num<S>::C v, typename fl_num<S>::C s,
+                                         typename fl_num<S>::C& acc)
+{
+    typedef typename fl_num<S>::C C;
+    const S q = fl_num<S>::store(fl_act_backward<ACT, C>(fl_num<S>::load(da), v, s));
+    acc += fl_num<S>::load(q);
+    return q;
 }
 
 // One launch, one pass over dA (M, N; element (m, n) at m * sdm + n * sdn, either stride may be
 // 0: an expanded gradient is read in place) and the saved A or Z (M, N contiguous; null if the
-// activation saves nothing). Block = FL_GRAD_COLS columns (threadIdx.x: consecutive threads read
-// consecutive columns, coalesced) x blockDim.y row lanes; grid x = column groups; every block
-// walks all M rows of its columns, lane y taking rows y, y + blockDim.y, ... in order:
+// activation saves nothing). Block = FL_GRAD_COLS threads (threadIdx.x) x blockDim.y row lanes;
+// each thread owns V = fl_vec<S>::N consecutive columns (a block FL_GRAD_COLS * V columns; grid x
+// = column groups, kernels/tiling.py cuda_grad_grid); every block walks all M rows of its columns,
+// lane y taking rows y, y + blockDim.y, ... in order:
 //     dz[m, n] = dA[m, n] ⊙ g'(saved[m, n])         (rounded to S; not stored if dz is null)
-//     acc     += that rounded dz                     (in C: float for 16-bit types)
+//     acc[n]  += that rounded dz                     (in C: float for 16-bit types)
 // then, if db is wanted, the lanes' sums of each column are added in lane order 0, 1, ... by
 // lane 0 through shared memory: a fixed order (deterministic, no atomics) and no second launch.
+// A thread's V columns move as one 16-byte vector per row when dA's rows are contiguous (sdn == 1)
+// and every row of dA, saved and dz starts at a multiple of 16 bytes (N and sdm multiples of V,
+// aligned base addresses): the same for every thread of the launch. Otherwise element by element,
+// the same values in the same order, so the result does not depend on which way ran.
 template <int ACT, typename S>
 __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__ db, const S* __restrict__ da,
                                              const S* __restrict__ saved, i64 M, i64 N, i64 sdm, i64 sdn,
                                              double slope)
 {
     typedef typename fl_num<S>::C C;
-    __shared__ C lane_sums[FL_GRAD_LANES][FL_GRAD_COLS];
-    const i64 n = (i64)blockIdx.x * FL_GRAD_COLS + threadIdx.x;
+    constexpr int V = fl_vec<S>::N;
+    __shared__ C lane_sums[FL_GRAD_LANES][FL_GRAD_COLS * V];
+    const i64 n0 = ((i64)blockIdx.x * FL_GRAD_COLS + threadIdx.x) * V;  // this thread's first column
     const C s = (C)slope;
-    C acc = C(0);
-    if (n < N) {
-#pragma unroll 4
+    C acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+        acc[j] = C(0);
+    const bool vectors = sdn == 1 && sdm % V == 0 && N % V == 0 && fl_aligned16(da) && fl_aligned16(saved)
+                         && fl_aligned16(dz);
+    if (n0 < N && vectors) {
         for (i64 m = threadIdx.y; m < M; m += blockDim.y) {
-            const C v = saved ? fl_num<S>::load(saved[m * N + n]) : C(0);
-            const S q = fl_num<S>::store(fl_act_backward<ACT, C>(fl_num<S>::load(da[m * sdm + n * sdn]), v, s));
+            const fl_vec<S> g = fl_load16(da + m * sdm + n0);
+            fl_vec<S> v, q;
+            if (saved)
+                v = fl_load16(saved + m * N + n0);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                q.v[j] = fl_grad_one<ACT, S>(g.v[j], saved ? fl_num<S>::load(v.v[j]) : C(0), s, acc[j]);
             if (dz)
-                dz[m * N + n] = q;
-            acc += fl_num<S>::load(q);
+                fl_store16(dz + m * N + n0, q);
+        }
+    } else if (n0 < N) {
+        for (i64 m = threadIdx.y; m < M; m += blockDim.y) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const i64 n = n0 + j;
+                if (n < N) {
+                    const S q = fl_grad_one<ACT, S>(da[m * sdm + n * sdn],
+                                                    saved ? fl_num<S>::load(saved[m * N + n]) : C(0), s, acc[j]);
+                    if (dz)
+                        dz[m * N + n] = q;
+                }
+            }
         }
     }
     if (!db)  // the same for every thread of the launch: no thread skips the barrier alone
         return;
-    lane_sums[threadIdx.y][threadIdx.x] = acc;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+        lane_sums[threadIdx.y][threadIdx.x * V + j] = acc[j];
     __syncthreads();
-    if (threadIdx.y == 0 && n < N) {
-        C total = C(0);
-        for (unsigned lane = 0; lane < blockDim.y; ++lane)
-            total += lane_sums[lane][threadIdx.x];
-        db[n] = fl_num<S>::store(total);
+    if (threadIdx.y == 0) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            if (n0 + j < N) {
+                C total = C(0);
+                for (unsigned lane = 0; lane < blockDim.y; ++lane)
+                    total += lane_sums[lane][threadIdx.x * V + j];
+                db[n0 + j] = fl_num<S>::store(total);
+            }
+        }
     }
 }
 

@@ -113,3 +113,40 @@ template <> struct fl_num<fl_bf16> {
     static __host__ __device__ __forceinline__ C load(fl_bf16 v) { return fl_bf16_to_float(v.bits); }
     static __host__ __device__ __forceinline__ fl_bf16 store(C v) { return fl_bf16{fl_float_to_bf16(v)}; }
 };
+
+// fl_vec<S>: 16 bytes of S (8 float16/bfloat16, 4 float, 2 double), moved by one 16-byte load or
+// store (ld/st.global.v4 on the GPU: a warp then moves 512 bytes per instruction instead of 64 for
+// 2-byte scalars). Only for addresses that are multiples of 16 (fl_aligned16); callers check.
+template <typename S> struct alignas(16) fl_vec {
+    static constexpr int N = 16 / sizeof(S);
+    S v[N];
+};
+
+__host__ __device__ __forceinline__ bool fl_aligned16(const void* p)
+{
+    return ((unsigned long long)p & 15ull) == 0;  // a null pointer counts as aligned
+}
+
+template <typename S> __host__ __device__ __forceinline__ fl_vec<S> fl_load16(const S* p)
+{
+#ifdef __CUDA_ARCH__
+    return *reinterpret_cast<const fl_vec<S>*>(p);
+#else
+    if (!fl_aligned16(p))  // the emulator faults where the GPU would ("misaligned address")
+        __builtin_trap();
+    fl_vec<S> r;  // (a copy, as C++ aliasing rules want)
+    __builtin_memcpy(&r, p, sizeof r);
+    return r;
+#endif
+}
+
+template <typename S> __host__ __device__ __forceinline__ void fl_store16(S* p, const fl_vec<S>& r)
+{
+#ifdef __CUDA_ARCH__
+    *reinterpret_cast<fl_vec<S>*>(p) = r;
+#else
+    if (!fl_aligned16(p))
+        __builtin_trap();
+    __builtin_memcpy(p, &r, sizeof r);
+#endif
+}

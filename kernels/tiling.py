@@ -80,7 +80,7 @@ CUDA_THREAD_N = 4
 CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  # 256
 CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
-CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (one warp wide) ...
+CUDA_GRAD_COLS = 32  # backward's dZ + db pass: threads per block along the columns (one warp), each 16 bytes of columns ...
 # ... times at most this many row lanes: 512 threads, so an instance may use up to 128 registers
 # (64 K per SM) and still launch (16/32-bit instances take <= 48 on sm_80/sm_90); float64 takes
 # 256 threads (its GELU instance takes 156 registers on sm_90)
@@ -117,18 +117,28 @@ def cuda_gemm_grid(m: int, n: int) -> tuple[tuple[int, int, int], tuple[int, int
     return (-(-m // CUDA_TILE_M), -(-n // CUDA_TILE_N), 1), (CUDA_THREADS, 1, 1)
 
 
-def cuda_elementwise_grid(count: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, block) for a grid-stride element-wise kernel over ``count`` elements."""
-    blocks = max(1, min(-(-count // CUDA_EW_THREADS), CUDA_EW_MAX_BLOCKS))
+def cuda_vector(itemsize: int) -> int:
+    """Elements per 16-byte load of the element-wise kernels (fl_vec in fl_types.cuh): 8 for the
+    16-bit types, 4 for float32, 2 for float64."""
+    return 16 // itemsize
+
+
+def cuda_elementwise_grid(count: int, vector: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) for a grid-stride element-wise kernel over ``count`` elements, each thread
+    taking ``vector`` of them per step (cuda_vector; where the kernel falls back to single
+    elements, the grid-stride loop covers the rest with the same threads)."""
+    blocks = max(1, min(-(-count // (CUDA_EW_THREADS * vector)), CUDA_EW_MAX_BLOCKS))
     return (blocks, 1, 1), (CUDA_EW_THREADS, 1, 1)
 
 
-def cuda_grad_grid(m: int, n: int, max_lanes: int = CUDA_GRAD_LANES) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def cuda_grad_grid(m: int, n: int, max_lanes: int = CUDA_GRAD_LANES,
+                   vector: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, block) for backward's one-launch dZ + db pass over an (m, n) gradient: blocks of
-    CUDA_GRAD_COLS columns x row lanes, each block walking all m rows of its columns. Lanes: about
-    m / 8 (each lane walks >= 8 rows, so its sum amortises the block's final reduction), a power
-    of two from 1 to ``max_lanes``."""
+    CUDA_GRAD_COLS threads x row lanes, each thread owning ``vector`` consecutive columns (the
+    kernel's V, cuda_vector of the dtype), each block walking all m rows of its columns. Lanes:
+    about m / 8 (each lane walks >= 8 rows, so its sum amortises the block's final reduction), a
+    power of two from 1 to ``max_lanes``."""
     lanes = 1
     while lanes < max_lanes and lanes * 8 < m:
         lanes *= 2
-    return (-(-n // CUDA_GRAD_COLS), 1, 1), (CUDA_GRAD_COLS, lanes, 1)
+    return (-(-n // (CUDA_GRAD_COLS * vector)), 1, 1), (CUDA_GRAD_COLS, lanes, 1)

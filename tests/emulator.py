@@ -5,7 +5,8 @@ itself: :func:`launcher` returns a function with the signature of the backend's 
 (plan, name -> tensor, device), so the backend's own code — its GEMM calls, workspaces, leading
 dimensions and plans — runs on CPU tensors with the kernels executed by the emulator. Buffers
 cross as raw bytes of each tensor's storage span (padded rows included), so float16 and bfloat16
-reach the kernels in their storage format.
+reach the kernels in their storage format, at their tensor's address modulo 16 (the kernels take
+16-byte loads where addresses allow).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def run_plan(exe: str, work: str, plan, buffers: dict[str, torch.Tensor], env=No
         path = os.path.join(work, f"in-{name}.bin") if span.numel() else "-"
         if span.numel():
             span.contiguous().view(torch.uint8).numpy().tofile(path)
-        lines.append(f"buffer {name} {TAGS[t.dtype]} {max(span.numel(), 1)} {path}")
+        # the same address mod 16 as the tensor's (PyTorch's CPU allocations are 64-byte aligned, a
+        # view's offset moves it as on a GPU), for the kernels' 16-byte accesses
+        lines.append(f"buffer {name} {TAGS[t.dtype]} {max(span.numel(), 1)} {path} {ptr % 16}")
     for launch in plan:
         assert all(1 <= g <= lim for g, lim in zip(launch.grid, tiling.CUDA_GRID_MAX)), launch
         assert 1 <= launch.block[0] * launch.block[1] * launch.block[2] <= tiling.CUDA_BLOCK_MAX_THREADS, launch

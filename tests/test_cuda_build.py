@@ -51,12 +51,12 @@ def test_plans_launch_only_kernels_the_modules_define():
 @pytest.mark.parametrize("m", [1, 2, 3, 64, 8192, 2**22 + 1, 2**31 - 1, 2**33])
 def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
     # Launch() checks every grid on construction; the dZ+db pass is one launch whose blocks cover
-    # every column (each block walks all rows of its columns).
+    # every column (each block walks all rows of its columns; each thread owns 16 bytes of columns).
     n = 300
     plan = cuda.grad_plan("float32", m, n, (n, 1), "relu", 0.0, True, True)
-    (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n)
+    (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n, vector=4)
     assert len(plan) == 1 and plan[0].grid == (gx, gy, gz) and (gy, gz) == (1, 1)
-    assert (gx - 1) * bx < n <= gx * bx and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
+    assert (gx - 1) * bx * 4 < n <= gx * bx * 4 and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
     assert cuda.grad_plan("float64", m, n, (n, 1), "relu", 0.0, True, True)[0].block[1] <= tiling.CUDA_GRAD_LANES_F64
     if m < 2**31:
         (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)

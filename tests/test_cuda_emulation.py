@@ -176,6 +176,91 @@ def test_storage_conversions_round_like_pytorch(builds, tmp_path, tag):
     assert mismatch.size == 0, f"{mismatch.size} mismatches, e.g. {values[~nan][mismatch[:5]]}"
 
 
+def _at_offset(t, elements):
+    """``t``'s values in a tensor whose address is ``elements`` elements past an allocation's start
+    (so not a multiple of 16 bytes for elements * itemsize % 16 != 0), the same strides."""
+    flat = torch.full((elements + t.numel() + 8,), float("nan"), dtype=t.dtype)
+    out = flat[elements:elements + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _grad_layouts(g, vector):
+    """dA (m, n) as the layouts the dZ+db pass meets: those whose rows it reads as 16-byte vectors
+    (contiguous; rows padded to a multiple of 16 bytes; one row expanded down, stride (0, 1)) and
+    those it reads element by element (an address off 16; rows padded by one element; a column
+    expanded across, stride (1, 0); transposed)."""
+    m, n = g.shape
+    return {
+        "contiguous": g,
+        "padded-aligned": padded_rows(g, extra=vector),
+        "row-expanded": g[:1].expand(m, n),
+        "offset": _at_offset(g, 1),
+        "padded-odd": padded_rows(g, extra=1),
+        "column-expanded": g[:, :1].expand(m, n),
+        "transposed": column_major(g),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("n", [64, 72, 44, 7])
+def test_grad_pass_16_byte_and_element_ways_agree(builds, tmp_path, dtype, n):
+    # The dZ + db pass takes 16-byte vectors of a thread's columns where dA's rows, saved and dZ
+    # are 16-byte aligned, element by element elsewhere: both give the float64 reference's values
+    # and the same values (same formula, same summation order). n = 64: every dtype's vector width
+    # divides it; 72: too, but the 16-bit types' last block of 256 columns is partly empty; 44:
+    # not the 16-bit types' 8; 7: none. 37 rows: 8 row lanes, so db goes through the lane reduction.
+    m, vector = 37, 16 // dtype.itemsize
+    launch = emulator.launcher(builds("plain"), str(tmp_path))
+    gen = torch.Generator().manual_seed(n)
+    z = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    for activation in ("relu", "gelu", "identity"):
+        saves = TABLE[activation].saves
+        saved = {"a": torch.relu(z), "z": z, "none": torch.empty(0)}[saves].to(dtype)
+        results = {}
+        for name, grad in _grad_layouts(g.to(dtype), vector).items():
+            dz, db = cupy_cuda._grad_pass(grad, saved, saved.new_empty(m, 1), activation, 0.1,
+                                          (True, True, True), launch, rows_needed=activation == "identity")
+            results[name] = (dz.clone(), db.clone())
+            # the reference from the values dA actually holds (row/column-expanded layouts repeat one)
+            ga = grad.double().contiguous()
+            if activation == "identity":
+                want = ga
+            else:
+                zz = z.to(dtype).double()
+                want = ga * (zz > 0) if activation == "relu" else torch.func.vjp(
+                    lambda t: torch.nn.functional.gelu(t), zz)[1](ga)[0]
+            torch.testing.assert_close(dz.double(), want, **TOLS[dtype], msg=lambda s: f"{name} dZ: {s}")
+            torch.testing.assert_close(db.double(), want.sum(0), **{k: v * 4 for k, v in TOLS[dtype].items()},
+                                       msg=lambda s: f"{name} db: {s}")
+        # every layout holding the same dA values as "contiguous" gives the same dZ and db, exactly
+        for name in ("padded-aligned", "offset", "padded-odd", "transposed"):
+            assert torch.equal(results[name][0], results["contiguous"][0]), (activation, name, "dZ")
+            assert torch.equal(results[name][1], results["contiguous"][1]), (activation, name, "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_forward_pass_16_byte_and_element_ways_agree(builds, tmp_path, dtype):
+    # A = g(Z) in place and out of place, Z at an address off 16 bytes (element by element) and
+    # aligned (16-byte vectors, then the count % V tail one by one): the same bits, PyTorch's values.
+    exe, work = builds("plain"), str(tmp_path)
+    count = 37 * 13  # not a multiple of any vector width
+    z = torch.randn(count, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    for activation in ("relu", "silu", "tanh"):
+        want = {"relu": torch.relu, "silu": torch.nn.functional.silu, "tanh": torch.tanh}[activation](z.double())
+        outs = {}
+        for name, zin in (("aligned", z.clone()), ("offset", _at_offset(z, 1)), ("offset-3", _at_offset(z, 3))):
+            plan = cuda.act_forward_plan(str(dtype).removeprefix("torch."), count, activation, 0.0)
+            a = torch.empty_like(zin) if name != "offset-3" else _at_offset(torch.zeros_like(z), 3)
+            emulator.run_plan(exe, work, plan, {"a": a, "z": zin})
+            torch.testing.assert_close(a.double(), want, **TOLS[dtype], msg=lambda s: f"{name}: {s}")
+            outs[name] = a.clone()
+            emulator.run_plan(exe, work, plan, {"a": zin, "z": zin})  # in place
+            assert torch.equal(zin, a), (activation, name, "in place")
+        assert torch.equal(outs["offset"], outs["aligned"]) and torch.equal(outs["offset-3"], outs["aligned"])
+
+
 @pytest.mark.parametrize("case", [("vendor", "gelu", torch.float16), ("vendor", "leaky_relu", torch.bfloat16),
                                   ("own", "silu", torch.float64), ("vendor", "tanh", torch.float32)],
                          ids=lambda c: "-".join(map(str, c)))

@@ -1,13 +1,18 @@
 // driver.cpp — executes launch plans of fusedlinear.kernels.cuda on the CPU through emu.h.
 //
 // Plan file, one directive a line:
-//   buffer NAME f16|bf16|f32|f64 COUNT PATH|-   load COUNT elements from PATH (- = zeros)
+//   buffer NAME f16|bf16|f32|f64 COUNT PATH|- [OFFSET]
+//                                             load COUNT elements from PATH (- = zeros); the first
+//                                             element at OFFSET bytes (0-15) past a multiple of 16,
+//                                             as the tensor's address is (the kernels' 16-byte
+//                                             accesses depend on it)
 //   alias NAME OTHER                          NAME is the same memory as buffer OTHER (in place)
 //   launch KERNEL GX GY GZ BX BY BZ ARG...    ARG: p:NAME | p:- (null) | i:INT | d:REAL
 //   output NAME PATH                          write the buffer to PATH after all launches
 //   roundtrip f16|bf16 COUNT IN OUT           float32 -> storage type -> float32 (conversion test)
 // KERNEL is the extern "C" name the CuPy launcher fetches. Each buffer is its own heap block, so
-// ASan sees any access outside it; a pointer argument's element size must match its buffer's.
+// ASan sees any access past its end (and before its start, unless OFFSET > 0); a pointer
+// argument's element size must match its buffer's.
 #include "emu.h"
 #include "fl_elementwise.cu"
 #include "fused_linear.cu"
@@ -15,13 +20,25 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <cstring>
 #include <memory>
+#include <new>
 #include <sstream>
 #include <string>
 
 struct Buffer {
-    std::vector<unsigned char> bytes;
-    size_t elem = 0;
+    unsigned char* base = nullptr;  // 16-byte aligned heap block of offset + size bytes
+    unsigned char* data = nullptr;  // base + offset: the first element
+    size_t size = 0, elem = 0;
+    Buffer(size_t bytes, size_t offset, size_t elem_)
+        : base(static_cast<unsigned char*>(::operator new(offset + bytes, std::align_val_t(16)))),
+          data(base + offset), size(bytes), elem(elem_)
+    {
+        std::memset(base, 0, offset + bytes);
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    ~Buffer() { ::operator delete(base, std::align_val_t(16)); }
 };
 
 static std::map<std::string, std::shared_ptr<Buffer>> buffers;
@@ -64,7 +81,7 @@ struct Args {
                          it->second->elem, sizeof(T));
             std::exit(2);
         }
-        return reinterpret_cast<T*>(it->second->bytes.data());
+        return reinterpret_cast<T*>(it->second->data);
     }
     long long i64() { return std::stoll(next('i')); }
     double f64() { return std::stod(next('d')); }
@@ -160,14 +177,19 @@ int main(int argc, char** argv)
         in >> directive;
         if (directive == "buffer") {
             std::string name, dtype, path;
-            size_t count;
+            size_t count, offset = 0;
             in >> name >> dtype >> count >> path;
-            auto buf = std::make_shared<Buffer>();
-            buf->elem = elem_size(dtype);
-            buf->bytes.assign(count * buf->elem, 0);
+            if (!(in >> offset))
+                offset = 0;
+            if (offset > 15) {
+                std::fprintf(stderr, "buffer %s: offset %zu is not in 0..15\n", name.c_str(), offset);
+                return 2;
+            }
+            const size_t elem = elem_size(dtype);
+            auto buf = std::make_shared<Buffer>(count * elem, offset, elem);
             if (path != "-") {
                 std::ifstream f(path, std::ios::binary);
-                f.read(reinterpret_cast<char*>(buf->bytes.data()), (std::streamsize)buf->bytes.size());
+                f.read(reinterpret_cast<char*>(buf->data), (std::streamsize)buf->size);
                 if (!f) {
                     std::fprintf(stderr, "short read of %s\n", path.c_str());
                     return 2;
@@ -196,8 +218,8 @@ int main(int argc, char** argv)
             std::string name, path;
             in >> name >> path;
             std::ofstream f(path, std::ios::binary);
-            auto& bytes = buffers.at(name)->bytes;
-            f.write(reinterpret_cast<const char*>(bytes.data()), (std::streamsize)bytes.size());
+            auto& buf = *buffers.at(name);
+            f.write(reinterpret_cast<const char*>(buf.data), (std::streamsize)buf.size);
         } else if (directive == "roundtrip") {
             std::string tag, src, dst;
             size_t count;
