@@ -77,7 +77,9 @@ __device__ __forceinline__ S fl_grad_one(S da, typename fl_num<S>::C v, typename
 // A thread's V columns move as one 16-byte vector per row when dA's rows are contiguous (sdn == 1)
 // and every row of dA, saved and dz starts at a multiple of 16 bytes (N and sdm multiples of V,
 // aligned base addresses): the same for every thread of the launch. Otherwise element by element,
-// the same values in the same order, so the result does not depend on which way ran.
+// the same values in the same order, so the result does not depend on which way ran. The row
+// loops are unrolled 4 times, so a thread has several rows' loads in flight (a narrow gradient,
+// N = 10 say, is one block walking every row).
 template <int ACT, typename S>
 __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__ db, const S* __restrict__ da,
                                              const S* __restrict__ saved, i64 M, i64 N, i64 sdm, i64 sdn,
@@ -95,6 +97,7 @@ __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__
     const bool vectors = sdn == 1 && sdm % V == 0 && N % V == 0 && fl_aligned16(da) && fl_aligned16(saved)
                          && fl_aligned16(dz);
     if (n0 < N && vectors) {
+#pragma unroll 4
         for (i64 m = threadIdx.y; m < M; m += blockDim.y) {
             const fl_vec<S> g = fl_load16(da + m * sdm + n0);
             fl_vec<S> v, q;
@@ -107,6 +110,7 @@ __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__
                 fl_store16(dz + m * N + n0, q);
         }
     } else if (n0 < N) {
+#pragma unroll 4
         for (i64 m = threadIdx.y; m < M; m += blockDim.y) {
 #pragma unroll
             for (int j = 0; j < V; ++j) {
