@@ -5,7 +5,8 @@ Parts (``--part``, comma-separated; benchmarks/gpu_check.sh runs each under its 
 * ``layers``: one Linear + ReLU layer, 4096->4096 at B = 4096 forward+backward in fp32 (TF32
   off), tf32, bf16 and fp16, 784->512 at B = 64 forward (host-bound), and 784->512 at B = 16384
   forward+backward (16 column blocks in the dZ+db pass): eager, fused-vendor, and fused-own
-  where it runs (fp32);
+  where it runs (fp32); then backward's dZ+db pass alone (4096 x 4096, bf16 and fp32) with its
+  16-byte loads and element by element (dA one element off 16 bytes), beside eager's ops;
 * ``mnist``: the MNIST training step (forward, cross-entropy, backward, SGD) at B = 64, fp32 and
   bf16: ungraphed, the model captured with ``torch.cuda.make_graphed_callables``, and the whole
   step captured with ``torch.cuda.graph`` — eager and fused captured the same way;
@@ -163,6 +164,41 @@ def layer_rows(bench: Bench):
                     return bench.timed(fn)
 
             bench.row("layers", f"{b}x{k}->{n} {mode}", prec, provider, measure)
+    grad_pass_rows(bench)
+
+
+def grad_pass_rows(bench: Bench):
+    """Backward's dZ + db pass alone (ReLU, saved A, 4096 x 4096): dA at a 16-byte-aligned address
+    (the kernel's 16-byte loads) and one element off (its element-by-element way), beside what
+    eager runs for the same work (``threshold_backward``, then the bias gradient's ``sum(0)``)."""
+    from fusedlinear.backend import cupy_cuda
+
+    n = 64 if bench.args.dry else 4096
+    # --dry: the row machinery with the launch a no-op (no GPU; the emulator tests the kernel itself)
+    launch = (lambda plan, buffers, device: None) if bench.args.dry else cupy_cuda.gpu_launch
+    for prec in ("bf16", "fp32"):
+        dtype = PRECISIONS[prec][0]
+        gen = torch.Generator(device=bench.device).manual_seed(0)
+        a = torch.relu(torch.randn(n, n, device=bench.device, dtype=dtype, generator=gen))
+        g = torch.randn(n, n, device=bench.device, dtype=dtype, generator=gen)
+        g_off = torch.empty(n * n + 1, device=bench.device, dtype=dtype)[1:].view(n, n).copy_(g)
+        def eager():
+            dz = torch.ops.aten.threshold_backward(g, a, 0)  # ReLU's backward in autograd, then db
+            return dz, dz.sum(0)
+
+        ways = {"eager": eager,
+                "fused-16byte": lambda: cupy_cuda._grad_pass(g, a, a, "relu", 0.0, (True, True, True), launch),
+                "fused-element": lambda: cupy_cuda._grad_pass(g_off, a, a, "relu", 0.0, (True, True, True), launch)}
+        for provider, fn in ways.items():
+            def measure():
+                if not bench.args.dry and provider != "eager":
+                    dz, db = fn()
+                    want = torch.ops.aten.threshold_backward(g, a, 0)
+                    check(want, dz, f"{provider} {prec} dZ")
+                    check(want.float().sum(0), db, f"{provider} {prec} db")
+                return bench.timed(fn)
+
+            bench.row("layers", f"{n}x{n} dZ+db pass", prec, provider, measure)
 
 
 def _mnist(bench, dtype, provider):
