@@ -143,7 +143,19 @@ template <typename S> __host__ __device__ __forceinline__ fl_vec<S> fl_load16(co
 template <typename S> __host__ __device__ __forceinline__ void fl_store16(S* p, const fl_vec<S>& r)
 {
 #ifdef __CUDA_ARCH__
-    *reinterpret_cast<fl_vec<S>*>(p) = r;
+    // One st.global.v4 by hand: written as a struct assignment, NVVM (nvcc 13.0, NVRTC 13.0) split
+    // the dZ+db pass's store into 4-8 scalar stores in 55 of its 64 instances (every activation
+    // with a branch in g'); the forward pass's stayed whole. (A generic address of global memory
+    // is its global address, as CUTLASS's global stores assume.)
+    // (NVRTC has no __builtin_memcpy: the words through a union, which NVVM and g++ define.)
+    union {
+        fl_vec<S> v;
+        unsigned w[4];
+    } u;
+    u.v = r;
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.w[0]), "r"(u.w[1]), "r"(u.w[2]),
+                 "r"(u.w[3])
+                 : "memory");
 #else
     if (!fl_aligned16(p))
         __builtin_trap();

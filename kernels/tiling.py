@@ -82,8 +82,8 @@ CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
 CUDA_GRAD_COLS = 32  # backward's dZ + db pass: threads per block along the columns (one warp), each 16 bytes of columns ...
 # ... times at most this many row lanes: 512 threads, so an instance may use up to 128 registers
-# (64 K per SM) and still launch (16/32-bit instances take <= 48 on sm_80/sm_90); float64 takes
-# 256 threads (its GELU instance takes 156 registers on sm_90)
+# (64 K per SM) and still launch (16/32-bit instances take <= 72 on sm_80/sm_90 with 16-byte
+# columns, nvcc 13.0); float64 takes 256 threads (its GELU instance takes 122 registers on sm_90)
 CUDA_GRAD_LANES = 16
 CUDA_GRAD_LANES_F64 = 8
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.

@@ -117,6 +117,27 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
         assert r["registers"] * threads <= 65536, f"{name}: {r['registers']} registers x {threads} threads"
 
 
+PTX_16_BYTES = re.compile(r"\b(ld|st)\.global(?:\.nc)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_elementwise_kernels_load_and_store_16_bytes_at_once(arch, tmp_path):
+    # fl_load16/fl_store16 are meant to be one 16-byte access each; NVVM is free to split a struct
+    # copy into scalar accesses (it split dZ's store in 55 of the 64 fl_grad instances), and the
+    # emulator cannot see that: every kernel's PTX must hold a 16-byte global load and store.
+    source, ptx = tmp_path / "elementwise.cu", tmp_path / "elementwise.ptx"
+    source.write_text(cuda.module_source("elementwise"))
+    proc = subprocess.run(["nvcc", "-ptx", f"-arch={arch}", "-ftz=true", *cuda.compile_options(), "-o", str(ptx),
+                           str(source)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    wide = {body.split("(", 1)[0]: {m.group(1) for m in PTX_16_BYTES.finditer(body)}
+            for body in ptx.read_text().split(".visible .entry ")[1:]}
+    assert set(wide) == set(cuda.kernel_names("elementwise"))
+    narrow = {name: sorted({"ld", "st"} - ops) for name, ops in wide.items() if ops != {"ld", "st"}}
+    assert not narrow, f"{len(narrow)} kernels without a 16-byte global load/store: {narrow}"
+
+
 @pytest.mark.parametrize("value,engine", [("", "vendor"), ("own", "own"), ("vendor", "vendor"), ("cublas", None)])
 def test_engine_variable(value, engine):
     """FUSEDLINEAR_CUDA_GEMM picks the engine at import; a bad value makes the cupy backend

@@ -269,6 +269,10 @@ def test_address_and_undefined_behaviour_sanitizers_clean(builds, tmp_path, case
     run_case(builds("asan"), str(tmp_path), 70, 20, 66, activation, dtype, engine=engine, x_layout="padded",
              grad_layout="padded")
     run_case(builds("asan"), str(tmp_path), 1, 1, 1, activation, dtype, engine=engine, bias=False)
+    # contiguous dA, 72 columns: the dZ+db pass's 16-byte path (the padded dA above takes the
+    # element path), with threads past column 72 in the last block of every dtype; a vector access
+    # past a row's end lands in the next row, with the right value, except after the last row
+    run_case(builds("asan"), str(tmp_path), 37, 5, 72, activation, dtype, engine=engine)
 
 
 def test_thread_sanitizer_clean(builds, tmp_path):
