@@ -200,7 +200,7 @@ def grad_plan(dtype: str, m: int, n: int, da_strides: tuple[int, int], activatio
     is wanted."""
     if not (want_dz or want_db):
         return Plan()
-    grid, block = tiling.cuda_grad_grid(m, n, tiling.CUDA_GRAD_LANES_F64 if dtype == "float64" else tiling.CUDA_GRAD_LANES,
+    grid, block = tiling.cuda_grad_grid(m, n, tiling.CUDA_GRAD_THREADS_F64 if dtype == "float64" else tiling.CUDA_GRAD_THREADS,
                                         tiling.cuda_vector(ITEMSIZE[dtype]))
     saves = _acts.ACTIVATIONS[activation].saves != "none"
     return Plan((Launch("elementwise", grad_name(activation, dtype), grid, block, (

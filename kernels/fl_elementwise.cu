@@ -66,14 +66,15 @@ __device__ __forceinline__ S fl_grad_one(S da, typename fl_num<S>::C v, typename
 
 // One launch, one pass over dA (M, N; element (m, n) at m * sdm + n * sdn, either stride may be
 // 0: an expanded gradient is read in place) and the saved A or Z (M, N contiguous; null if the
-// activation saves nothing). Block = FL_GRAD_COLS threads (threadIdx.x) x blockDim.y row lanes;
-// each thread owns V = fl_vec<S>::N consecutive columns (a block FL_GRAD_COLS * V columns; grid x
-// = column groups, kernels/tiling.py cuda_grad_grid); every block walks all M rows of its columns,
-// lane y taking rows y, y + blockDim.y, ... in order:
+// activation saves nothing). A block per FL_GRAD_COLS columns (grid x = column groups), of
+// FL_GRAD_COLS / V threads (threadIdx.x; each owns V = fl_vec<S>::N consecutive columns, 16 bytes)
+// x blockDim.y row lanes (a power of two; kernels/tiling.py cuda_grad_grid); every block walks
+// all M rows of its columns, lane y taking rows y, y + blockDim.y, ... in order:
 //     dz[m, n] = dA[m, n] ⊙ g'(saved[m, n])         (rounded to S; not stored if dz is null)
 //     acc[n]  += that rounded dz                     (in C: float for 16-bit types)
-// then, if db is wanted, the lanes' sums of each column are added in lane order 0, 1, ... by
-// lane 0 through shared memory: a fixed order (deterministic, no atomics) and no second launch.
+// then, if db is wanted, the lanes' sums of each column are added in a fixed tree through shared
+// memory (lane y + h into lane y for h = lanes/2, ..., 1): the same order in every run
+// (deterministic, no atomics) and no second launch.
 // A thread's V columns move as one 16-byte vector per row when dA's rows are contiguous (sdn == 1)
 // and every row of dA, saved and dz starts at a multiple of 16 bytes (N and sdm multiples of V,
 // aligned base addresses): the same for every thread of the launch. Otherwise element by element,
@@ -87,8 +88,10 @@ __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__
 {
     typedef typename fl_num<S>::C C;
     constexpr int V = fl_vec<S>::N;
-    __shared__ C lane_sums[FL_GRAD_LANES][FL_GRAD_COLS * V];
-    const i64 n0 = ((i64)blockIdx.x * FL_GRAD_COLS + threadIdx.x) * V;  // this thread's first column
+    // at most FL_GRAD_THREADS threads: lanes x (FL_GRAD_COLS / V) threads across
+    __shared__ C lane_sums[FL_GRAD_THREADS * V / FL_GRAD_COLS][FL_GRAD_COLS];
+    const unsigned col = threadIdx.x * V;  // this thread's first column within the block's
+    const i64 n0 = (i64)blockIdx.x * FL_GRAD_COLS + col;
     const C s = (C)slope;
     C acc[V];
 #pragma unroll
@@ -128,18 +131,21 @@ __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__
         return;
 #pragma unroll
     for (int j = 0; j < V; ++j)
-        lane_sums[threadIdx.y][threadIdx.x * V + j] = acc[j];
+        lane_sums[threadIdx.y][col + j] = acc[j];
     __syncthreads();
+    for (unsigned half = blockDim.y / 2; half > 0; half /= 2) {  // every thread passes every barrier
+        if (threadIdx.y < half) {
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                lane_sums[threadIdx.y][col + j] += lane_sums[threadIdx.y + half][col + j];
+        }
+        __syncthreads();
+    }
     if (threadIdx.y == 0) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            if (n0 + j < N) {
-                C total = C(0);
-                for (unsigned lane = 0; lane < blockDim.y; ++lane)
-                    total += lane_sums[lane][threadIdx.x * V + j];
-                db[n0 + j] = fl_num<S>::store(total);
-            }
-        }
+        for (int j = 0; j < V; ++j)
+            if (n0 + j < N)
+                db[n0 + j] = fl_num<S>::store(lane_sums[0][col + j]);
     }
 }
 

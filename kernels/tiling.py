@@ -80,12 +80,13 @@ CUDA_THREAD_N = 4
 CUDA_THREADS = (CUDA_TILE_M // CUDA_THREAD_M) * (CUDA_TILE_N // CUDA_THREAD_N)  # 256
 CUDA_EW_THREADS = 256  # element-wise kernels: threads per block
 CUDA_EW_MAX_BLOCKS = 65535  # element-wise kernels stride over the rest (4 M threads in flight)
-CUDA_GRAD_COLS = 32  # backward's dZ + db pass: threads per block along the columns (one warp), each 16 bytes of columns ...
-# ... times at most this many row lanes: 512 threads, so an instance may use up to 128 registers
-# (64 K per SM) and still launch (16/32-bit instances take <= 72 on sm_80/sm_90 with 16-byte
-# columns, nvcc 13.0); float64 takes 256 threads (its GELU instance takes 122 registers on sm_90)
-CUDA_GRAD_LANES = 16
-CUDA_GRAD_LANES_F64 = 8
+CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (as many blocks as N / 32) ...
+# ... walked by 32 / V threads (each V = cuda_vector columns: 16 bytes) times row lanes, up to this
+# many threads per block: 512, so an instance may use up to 128 registers (64 K per SM) and still
+# launch (16/32-bit instances take <= 92 on sm_80/sm_90, nvcc 13.0); float64 256 (its GELU
+# instance takes 163 registers on sm_90)
+CUDA_GRAD_THREADS = 512
+CUDA_GRAD_THREADS_F64 = 256
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
 CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)
 CUDA_BLOCK_MAX_THREADS = 1024
@@ -99,7 +100,7 @@ def cuda_defines() -> dict[str, int]:
         "FL_THREAD_M": CUDA_THREAD_M,
         "FL_THREAD_N": CUDA_THREAD_N,
         "FL_GRAD_COLS": CUDA_GRAD_COLS,
-        "FL_GRAD_LANES": CUDA_GRAD_LANES,
+        "FL_GRAD_THREADS": CUDA_GRAD_THREADS,
     }
 
 
@@ -131,14 +132,16 @@ def cuda_elementwise_grid(count: int, vector: int = 1) -> tuple[tuple[int, int, 
     return (blocks, 1, 1), (CUDA_EW_THREADS, 1, 1)
 
 
-def cuda_grad_grid(m: int, n: int, max_lanes: int = CUDA_GRAD_LANES,
+def cuda_grad_grid(m: int, n: int, max_threads: int = CUDA_GRAD_THREADS,
                    vector: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, block) for backward's one-launch dZ + db pass over an (m, n) gradient: blocks of
-    CUDA_GRAD_COLS threads x row lanes, each thread owning ``vector`` consecutive columns (the
-    kernel's V, cuda_vector of the dtype), each block walking all m rows of its columns. Lanes:
-    about m / 8 (each lane walks >= 8 rows, so its sum amortises the block's final reduction), a
-    power of two from 1 to ``max_lanes``."""
+    """(grid, block) for backward's one-launch dZ + db pass over an (m, n) gradient: a block per
+    CUDA_GRAD_COLS columns, of CUDA_GRAD_COLS / ``vector`` threads (each owning ``vector``
+    consecutive columns: the kernel's V, cuda_vector of the dtype) x row lanes, walking all m
+    rows of its columns. Lanes: about m / 8 (each lane walks >= 8 rows, so its sum amortises the
+    block's final reduction), a power of two (the kernel's reduction tree halves them) from 1 to
+    ``max_threads`` / threads across."""
+    across = CUDA_GRAD_COLS // vector
     lanes = 1
-    while lanes < max_lanes and lanes * 8 < m:
+    while lanes * 2 * across <= max_threads and lanes * 8 < m:
         lanes *= 2
-    return (-(-n // (CUDA_GRAD_COLS * vector)), 1, 1), (CUDA_GRAD_COLS, lanes, 1)
+    return (-(-n // CUDA_GRAD_COLS), 1, 1), (across, lanes, 1)

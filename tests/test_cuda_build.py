@@ -51,13 +51,16 @@ def test_plans_launch_only_kernels_the_modules_define():
 @pytest.mark.parametrize("m", [1, 2, 3, 64, 8192, 2**22 + 1, 2**31 - 1, 2**33])
 def test_plans_stay_within_cuda_launch_limits_at_any_batch(m):
     # Launch() checks every grid on construction; the dZ+db pass is one launch whose blocks cover
-    # every column (each block walks all rows of its columns; each thread owns 16 bytes of columns).
+    # every column (each block walks all rows of its 32 columns; each thread owns 16 bytes of them).
     n = 300
-    plan = cuda.grad_plan("float32", m, n, (n, 1), "relu", 0.0, True, True)
-    (gx, gy, gz), (bx, by, bz) = tiling.cuda_grad_grid(m, n, vector=4)
-    assert len(plan) == 1 and plan[0].grid == (gx, gy, gz) and (gy, gz) == (1, 1)
-    assert (gx - 1) * bx * 4 < n <= gx * bx * 4 and bx == tiling.CUDA_GRAD_COLS and 1 <= by <= tiling.CUDA_GRAD_LANES
-    assert cuda.grad_plan("float64", m, n, (n, 1), "relu", 0.0, True, True)[0].block[1] <= tiling.CUDA_GRAD_LANES_F64
+    for dtype, size, limit in (("float16", 2, tiling.CUDA_GRAD_THREADS), ("float32", 4, tiling.CUDA_GRAD_THREADS),
+                               ("float64", 8, tiling.CUDA_GRAD_THREADS_F64)):
+        plan = cuda.grad_plan(dtype, m, n, (n, 1), "relu", 0.0, True, True)
+        (gx, gy, gz), (bx, by, bz) = plan[0].grid, plan[0].block
+        assert len(plan) == 1 and (gy, gz, bz) == (1, 1, 1)
+        assert (gx - 1) * tiling.CUDA_GRAD_COLS < n <= gx * tiling.CUDA_GRAD_COLS
+        assert bx * (16 // size) == tiling.CUDA_GRAD_COLS and bx * by <= limit and by & (by - 1) == 0  # lanes: 2^k
+        assert by * 8 >= m or by == limit // bx  # a lane per 8 rows, up to the block's thread limit
     if m < 2**31:
         (gx, gy, _), _ = tiling.cuda_gemm_grid(m, n)
         assert gx * tiling.CUDA_TILE_M >= m and gy * tiling.CUDA_TILE_N >= n
@@ -110,9 +113,9 @@ def test_nvcc_compiles_without_spills(module, arch, tmp_path):
     assert not spilling, f"register spills or local memory: {spilling}"
     # every block the plans launch fits one SM's 64 K registers, whatever the instance's count
     for name, r in report.items():
-        threads = (tiling.CUDA_THREADS if module == "gemm" else tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES_F64
+        threads = (tiling.CUDA_THREADS if module == "gemm" else tiling.CUDA_GRAD_THREADS_F64
                    if name.startswith("fl_grad_") and name.endswith("_f64") else
-                   max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_COLS * tiling.CUDA_GRAD_LANES))
+                   max(tiling.CUDA_EW_THREADS, tiling.CUDA_GRAD_THREADS))
         assert r["registers"] <= 255 and r["smem"] <= 48 * 1024
         assert r["registers"] * threads <= 65536, f"{name}: {r['registers']} registers x {threads} threads"
 
