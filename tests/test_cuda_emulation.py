@@ -16,7 +16,7 @@ import emulator
 from conftest import ACTIVATIONS, TOL, make_inputs, reference
 from fusedlinear.backend import cupy_cuda
 from fusedlinear.kernels import ACTIVATIONS as TABLE
-from fusedlinear.kernels import cuda
+from fusedlinear.kernels import cuda, tiling
 
 pytestmark = pytest.mark.skipif(not emulator.have_gxx(), reason="g++ not installed")
 
@@ -273,6 +273,20 @@ def test_address_and_undefined_behaviour_sanitizers_clean(builds, tmp_path, case
     # element path), with threads past column 72 in the last block of every dtype; a vector access
     # past a row's end lands in the next row, with the right value, except after the last row
     run_case(builds("asan"), str(tmp_path), 37, 5, 72, activation, dtype, engine=engine)
+    # the most row lanes the plans give this dtype (128 in 16-bit types, 64 float32, 16 float64):
+    # every lane's slot of db's shared lane sums in range (the shapes above have at most 16 lanes;
+    # UBSan checks the index against the array's declared size)
+    across = tiling.CUDA_GRAD_COLS * dtype.itemsize // 16
+    lanes = (tiling.CUDA_GRAD_THREADS_F64 if dtype == torch.float64 else tiling.CUDA_GRAD_THREADS) // across
+    m = 8 * lanes
+    assert cuda.grad_plan(str(dtype)[6:], m, 72, (72, 1), "relu", 0.0, True, True)[0].block[1] == lanes
+    gen = torch.Generator().manual_seed(lanes)
+    z, g = (torch.randn(m, 72, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    dz, db = cupy_cuda._grad_pass(g, torch.relu(z), z.new_empty(m, 1), "relu", 0.0, (True, True, True),
+                                  emulator.launcher(builds("asan"), str(tmp_path)))
+    want = g.double() * (z > 0)
+    torch.testing.assert_close(dz.double(), want, **TOLS[dtype])
+    torch.testing.assert_close(db.double(), want.sum(0), **{k: v * 4 for k, v in TOLS[dtype].items()})
 
 
 def test_thread_sanitizer_clean(builds, tmp_path):
