@@ -156,13 +156,23 @@ __device__ __forceinline__ void fl_grad_body(S* __restrict__ dz, S* __restrict__
     FL_FOR_EACH_ACTIVATION(X, float, f32)                                                          \
     FL_FOR_EACH_ACTIVATION(X, double, f64)
 
+// The most threads a grad block has (kernels/tiling.py cuda_grad_grid): __launch_bounds__ makes the
+// compiler keep each instance's registers within what such a block may use (64 K per SM), whatever
+// NVRTC version compiles this, so a launch never fails for resources (1 block per SM at least: no
+// tighter cap than that, which made the float64 GELU instance spill).
+#define FL_GRAD_BOUND_f16 FL_GRAD_THREADS
+#define FL_GRAD_BOUND_bf16 FL_GRAD_THREADS
+#define FL_GRAD_BOUND_f32 FL_GRAD_THREADS
+#define FL_GRAD_BOUND_f64 FL_GRAD_THREADS_F64
+
 #define FL_EW_KERNELS(ID, NAME, S, TAG)                                                            \
     extern "C" __global__ void fl_act_forward_##NAME##_##TAG(S* a, const S* z, i64 count, double slope) \
     {                                                                                              \
         fl_act_forward_body<ID, S>(a, z, count, slope);                                            \
     }                                                                                              \
-    extern "C" __global__ void fl_grad_##NAME##_##TAG(S* dz, S* db, const S* da, const S* saved, i64 M, i64 N, \
-                                                      i64 sdm, i64 sdn, double slope)              \
+    extern "C" __global__ void __launch_bounds__(FL_GRAD_BOUND_##TAG, 1)                           \
+        fl_grad_##NAME##_##TAG(S* dz, S* db, const S* da, const S* saved, i64 M, i64 N,             \
+                               i64 sdm, i64 sdn, double slope)                                     \
     {                                                                                              \
         fl_grad_body<ID, S>(dz, db, da, saved, M, N, sdm, sdn, slope);                             \
     }

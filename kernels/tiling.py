@@ -84,7 +84,7 @@ CUDA_GRAD_COLS = 32  # backward's dZ + db pass: columns per block (as many block
 # ... walked by 32 / V threads (each V = cuda_vector columns: 16 bytes) times row lanes, up to this
 # many threads per block: 512, so an instance may use up to 128 registers (64 K per SM) and still
 # launch (16/32-bit instances take <= 92 on sm_80/sm_90, nvcc 13.0); float64 256 (its GELU
-# instance takes 160 registers on sm_90)
+# instance takes 166 registers on sm_90)
 CUDA_GRAD_THREADS = 512
 CUDA_GRAD_THREADS_F64 = 256
 # CUDA's launch limits (every GPU since compute capability 3.0): grid x, y, z and threads per block.
@@ -101,6 +101,7 @@ def cuda_defines() -> dict[str, int]:
         "FL_THREAD_N": CUDA_THREAD_N,
         "FL_GRAD_COLS": CUDA_GRAD_COLS,
         "FL_GRAD_THREADS": CUDA_GRAD_THREADS,
+        "FL_GRAD_THREADS_F64": CUDA_GRAD_THREADS_F64,
     }
 
 

@@ -26,6 +26,7 @@ inline dim3 blockDim, gridDim;
 inline thread_local std::barrier<>* emu_block_barrier = nullptr;
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline
