@@ -230,17 +230,28 @@ def _whole(parallel: bool) -> bool:
 # calls) runs the real call on the real operands into scratch outputs, TUNE_REPS times after one
 # warm-up, taking turns; the fastest single run wins (other processes' load only adds time; on one
 # thread runs are timed in this thread's CPU time). Winners are kept per shape class (dtype,
-# forward or which gradients, rows rounded up to a power of two, N, K, threads) in a file in the
-# kernel cache named after the machine (``machine_key``: CPU model, vector width, library versions,
+# forward or which gradients, rows rounded up to a power of two, N, K, threads, candidates) in a
+# file in the kernel cache named after the machine (``machine_key``: CPU model, vector width, library versions,
 # kernel sources, settings that force other code paths), so a new CPU or library version tunes again.
 # Bounded: at most TUNE_BUDGET_S of timing per process (then the table's choice, not recorded),
 # and a call whose single run exceeds TUNE_MAX_RUN_S is not timed further (table's choice,
-# recorded). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces the library (its layout by the table).
-# Measured on a busy machine, a choice can be wrong: delete the tuning_*.json file to measure again.
+# recorded; provisional if that run was descheduled). FUSEDLINEAR_CPU_BLAS=mkl|openblas forces
+# the library (its layout by the table).
+# A busy machine: a run during which the timing thread ran less than TUNE_CLEAN_SHARE of the
+# wall time was descheduled. A choice measured with a candidate that had only such runs, or
+# while the 1-minute load average exceeded the machine's CPUs (``_busy``), is kept as
+# provisional: used as it is while the machine stays busy, measured again (once per process) by
+# the first process that finds it quiet — whose layers of that shape may then differ from earlier
+# processes' in the last bits (another BLAS or tiling), so not under
+# torch.use_deterministic_algorithms(True), which keeps every kept choice as it is. Measured
+# under a test suite's load, a settled choice had cost 784->512 at B=64, 2 threads, 45% more
+# than the one measured on the quiet machine. To measure everything again, delete the
+# tuning_*.json file.
 TUNE_REPS = 5
 TUNE_BUDGET_S = 3.0
 TUNE_MAX_RUN_S = 0.05
-_tuning: dict = {"choices": None, "spent": 0.0, "announced": False}
+TUNE_CLEAN_SHARE = 0.9
+_tuning: dict = {"choices": None, "spent": 0.0, "announced": False, "rechecked": set()}
 _tuning_lock = threading.RLock()
 
 
@@ -283,6 +294,27 @@ def tuning_path() -> str | None:
     return os.path.join(folder, f"tuning_{digest}.json")
 
 
+def _busy() -> str | None:
+    """Why this machine is too busy to trust a measurement now (its 1-minute load average above its
+    CPUs), or None; None where the load average is unknown (Windows). The load average counts the
+    whole machine (a container's too), so not the few CPUs this process may use: a job pinned to 4
+    cores of a shared 64-core node would never be quiet (load on its own cores shows as descheduled
+    runs)."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return None
+    return f"load average {load:.1f} on {cpus} CPUs" if load > cpus else None
+
+
+def _entry_choice(entry) -> tuple[str | None, str | None]:
+    """(choice, why it is provisional or None) of a tuning file's entry: a settled choice is the
+    string itself, a provisional one ``{"choice": ..., "provisional": why}``."""
+    if isinstance(entry, dict):
+        return entry.get("choice"), str(entry.get("provisional") or "measured on a busy machine")
+    return entry, None
+
+
 def _choices() -> dict:
     """This machine's measured choices (read once per process; a damaged file is warned about once
     and measured again)."""
@@ -304,35 +336,51 @@ def _table_choice(m: int, threads: int) -> str:
     return f"{library}/{'bands' if m >= tiling.CPU_BAND_MIN_ROWS and threads > 1 else 'columns'}"
 
 
-def _shape_class(x, w, mask) -> str:
+def _candidates(x, w) -> list[str]:
+    """The "library/layout" choices a call can run: each BLAS found, in column blocks or (2+
+    threads, 2 rows per thread) row bands, and MKL's threaded whole-matrix calls (see _whole)."""
+    (m, k), n, threads = x.shape, w.shape[0], torch.get_num_threads()
+    libraries = list(blas_libraries())
+    layouts = ["columns", "bands"] if threads > 1 and m >= 2 * threads else ["columns"]
+    candidates = [f"{library}/{layout}" for library in libraries for layout in layouts]
+    if "mkl" in libraries and threads > 1 and _parallel(m, n, k, x.element_size()):
+        candidates.append("mkl/whole")  # OpenBLAS's own threads are a second pool: never whole
+    return candidates
+
+
+def _shape_class(x, w, mask, candidates=None) -> str:
+    """What a measured choice is kept under: dtype, forward or which gradients, rows rounded up to a
+    power of two, N, K, threads, and the candidates (rows of one class can have different ones:
+    on 2 threads m=3 has no row bands, m=4 has; each set is measured for itself)."""
     (m, k), n = x.shape, w.shape[0]
     what = "forward" if mask is None else "backward" + "".join("xwb"[i] for i in range(3) if mask[i])
-    return f"{DTYPE_NAMES[x.dtype]} {what} m<={1 << (m - 1).bit_length()} n={n} k={k} threads={torch.get_num_threads()}"
+    return (f"{DTYPE_NAMES[x.dtype]} {what} m<={1 << (m - 1).bit_length()} n={n} k={k} threads={torch.get_num_threads()}"
+            f" of {','.join(candidates or _candidates(x, w))}")
 
 
 def _choose(x, w, b, activation, slope, mask) -> str:
-    m, threads = x.shape[0], torch.get_num_threads()
-    default = _table_choice(m, threads)
-    libraries = list(blas_libraries())
+    default = _table_choice(x.shape[0], torch.get_num_threads())
     if BLAS_CHOICE != "auto" or FORK.unsafe:
         return default
-    layouts = ["columns", "bands"] if threads > 1 and m >= 2 * threads else ["columns"]
-    candidates = [f"{library}/{layout}" for library in libraries for layout in layouts]
-    if "mkl" in libraries and threads > 1 and _parallel(m, w.shape[0], x.shape[1], x.element_size()):
-        candidates.append("mkl/whole")  # OpenBLAS's own threads are a second pool: never whole
+    candidates = _candidates(x, w)
     if len(candidates) == 1:
         return candidates[0]
-    key = _shape_class(x, w, mask)
+    key = _shape_class(x, w, mask, candidates)
     with _tuning_lock:
-        choice = _choices().get(key)
-        if choice in candidates:
-            return choice
-        if _tuning["spent"] >= TUNE_BUDGET_S:
-            return default
-        _announce_tuning()
-        timings = _time_plans({c: _plan(x, w, b, activation, slope, mask, c) for c in candidates}, x, w, mask)
+        kept, provisional = _entry_choice(_choices().get(key))
+        if kept in candidates and (provisional is None or _busy() or torch.are_deterministic_algorithms_enabled()):
+            return kept
+        # A class is timed once per process: a provisional choice again, or where its settled choice
+        # is no candidate here (an edited or stale file) and a provisional one cannot replace it.
+        if _tuning["spent"] >= TUNE_BUDGET_S or key in _tuning["rechecked"]:
+            return kept if kept in candidates else default
+        if provisional is None:  # measuring a provisional choice again is part of the once announced
+            _announce_tuning()
+        _tuning["rechecked"].add(key)
+        timings, descheduled = _time_plans({c: _plan(x, w, b, activation, slope, mask, c) for c in candidates}, x, w, mask)
         choice = default if timings is None else min(timings, key=timings.get)
-        _record(key, choice)
+        why = _busy() or ("timed runs were descheduled" if descheduled else None)
+        _record(key, choice if why is None else {"choice": choice, "provisional": why})
         return choice
 
 
@@ -343,9 +391,11 @@ def _announce_tuning() -> None:
               f"{TUNE_BUDGET_S:g} s; cached in {tuning_path() or 'memory only'})", file=sys.stderr, flush=True)
 
 
-def _time_plans(plans: dict, x, w, mask) -> dict | None:
-    """The fastest of TUNE_REPS runs of each plan on x and w into scratch outputs, the plans taking
-    turns (so a slow moment of a shared machine hits all alike); None when one run is too slow."""
+def _time_plans(plans: dict, x, w, mask) -> tuple[dict | None, bool]:
+    """(the fastest of TUNE_REPS runs of each plan on x and w into scratch outputs, whether some
+    plan had only descheduled runs), the plans taking turns (so a slow moment of a shared machine
+    hits all alike); (None, whether that run was descheduled) when one run is too slow. A run was
+    descheduled when this thread ran less than TUNE_CLEAN_SHARE of its wall time."""
     (m, k), n = x.shape, w.shape[0]
     xk = matrix_operand(x)[0]
     runs = {}
@@ -362,29 +412,37 @@ def _time_plans(plans: dict, x, w, mask) -> dict | None:
     # machine gives to other processes (a run descheduled on a shared box no longer looks slow).
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     samples = {name: [] for name in runs}
+    clean = dict.fromkeys(runs, False)  # has a run that was not descheduled
     for rep in range(TUNE_REPS + 1):  # the first round is a warm-up
         for name, run in runs.items():
-            start, wall = clock(), time.perf_counter()
+            start, cpu, wall = clock(), time.thread_time(), time.perf_counter()
             run()
-            elapsed = clock() - start
-            _tuning["spent"] += time.perf_counter() - wall  # the budget bounds the caller's wait
+            elapsed, cpu, wall = clock() - start, time.thread_time() - cpu, time.perf_counter() - wall
+            _tuning["spent"] += wall  # the budget bounds the caller's wait
             if elapsed > TUNE_MAX_RUN_S:
-                return None
+                return None, cpu < TUNE_CLEAN_SHARE * wall  # on a team, wall time: maybe only descheduled
             if rep:
                 samples[name].append(elapsed)
-    return {name: min(s) for name, s in samples.items()}  # other load only ever adds time
+                clean[name] |= cpu >= TUNE_CLEAN_SHARE * wall
+    # other load only ever adds time: the fastest run is the least disturbed one
+    return {name: min(s) for name, s in samples.items()}, not all(clean.values())
 
 
-def _record(key: str, choice: str) -> None:
-    """Add one choice to this machine's file: merged under its lock with what other processes added."""
-    _tuning["choices"][key] = choice
+def _record(key: str, entry) -> None:
+    """Add one choice (a string, or a provisional entry: see _entry_choice) to this machine's file:
+    merged under its lock with what other processes added; a provisional entry never replaces a
+    settled one that another process wrote meanwhile (this process keeps its own: one choice per
+    shape for a process's lifetime, so its results do not change when a plan is made again)."""
+    _tuning["choices"][key] = entry
     path = tuning_path()
     if path is None:
         return
     try:
         with cpu_cache.locked(path):
-            record, _ = cpu_cache.read_record(path)
-            cpu_cache.write_record(path, {**(record or {}), key: choice}, machine=machine_key())
+            record = cpu_cache.read_record(path)[0] or {}
+            if _entry_choice(entry)[1] is not None and isinstance(record.get(key), str):  # settled there
+                return
+            cpu_cache.write_record(path, {**record, key: entry}, machine=machine_key())
     except OSError:
         pass  # a read-only cache: the choice holds for this process
 

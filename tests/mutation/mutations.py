@@ -159,6 +159,17 @@ MUTATIONS = [
          old="mask = (bool(mask[0]), bool(mask[1]), bool(mask[2]))", new="mask = (bool(mask[0]), bool(mask[1]), bool(mask[1]))",
          tests=[T_OPS, "-k", "requires_grad_subsets"],
          bug="db computed when dW is asked for instead of when db is (copy-paste in the mask)"),
+    # ---- backend/numba_cpu.py: the BLAS/tile tuner ----
+    dict(id="tuner-settles-under-load", file="backend/numba_cpu.py",
+         old='_record(key, choice if why is None else {"choice": choice, "provisional": why})',
+         new="_record(key, choice)",
+         tests=[T_NUMBA, "-k", "provisional or descheduled"],
+         bug="a choice measured on a busy machine is kept for good (784->512 at B=64, 2 threads: 362 instead of 250 us)"),
+    dict(id="tuner-remeasures-deterministic", file="backend/numba_cpu.py",
+         old="if kept in candidates and (provisional is None or _busy() or torch.are_deterministic_algorithms_enabled()):",
+         new="if kept in candidates and (provisional is None or _busy()):",
+         tests=[T_NUMBA, "-k", "deterministic"],
+         bug="a provisional choice is measured again under deterministic algorithms: another BLAS changes the last bits"),
     # ---- backend/__init__.py: dispatch ----
     dict(id="use-backend-restore", file="backend/__init__.py",
          old="_forced = _stack[-1][1] if _stack else None", new="_forced = None",
