@@ -103,7 +103,7 @@ step parity 40 "$OUT/parity.txt" "$PY" -m fusedlinear parity "${PARITY[@]}" --qu
 SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 9)
 step memcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --kernel-name kns=fl_ --tool memcheck "$PY" benchmarks/gpu_smoke.py
 step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --kernel-name kns=fl_ --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
-step initcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --print-limit 20 --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
+step initcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
 
 if [ "$DRY" = 1 ]; then BENCH=(--dry --inner 2 --rounds 3 --dry-sleep "${GPU_CHECK_DRY_SLEEP:-0}" --dry-fail "${GPU_CHECK_DRY_FAIL:-}"); else BENCH=(); fi
 BENCH_RUN=("$PY" benchmarks/bench_gpu.py --md "$OUT/bench.md" "${BENCH[@]}")
