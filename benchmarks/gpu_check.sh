@@ -103,8 +103,9 @@ step parity 40 "$OUT/parity.txt" "$PY" -m fusedlinear parity "${PARITY[@]}" --qu
 # cuSPARSE are known to draw initcheck reports): the step fails on the program's own exit status,
 # and the next one on a report in one of our kernels (names start with fl_) only.
 SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer)
-step memcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --error-exitcode 9 --kernel-name kns=fl_ --tool memcheck "$PY" benchmarks/gpu_smoke.py
-step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" --error-exitcode 9 --kernel-name kns=fl_ --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
+OURS=(--error-exitcode 9 --kernel-name kns=fl_)  # any report fails the step; our kernels only
+step memcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" "${OURS[@]}" --tool memcheck "$PY" benchmarks/gpu_smoke.py
+step racecheck 30 "$OUT/sanitizer.log" "${SAN[@]}" "${OURS[@]}" --tool racecheck "$PY" benchmarks/gpu_smoke.py --quick
 step initcheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --tool initcheck "$PY" benchmarks/gpu_smoke.py --quick
 step "initcheck fl_ reports" 5 "$OUT/sanitizer.log" bash -c \
   'if grep -A1 "Uninitialized" "$1" | grep "at fl_"; then exit 1; fi' _ "$OUT/sanitizer.log"
