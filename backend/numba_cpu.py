@@ -410,14 +410,15 @@ def _time_plans(plans: dict, x, w, mask) -> tuple[dict | None, bool]:
             runs[name] = functools.partial(_run_backward, plan, xk, *bufs, mask)
     # On one thread all of a run's work is on this thread: its CPU time leaves out the time the
     # machine gives to other processes (a run descheduled on a shared box no longer looks slow).
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    one_thread = torch.get_num_threads() == 1
     samples = {name: [] for name in runs}
     clean = dict.fromkeys(runs, False)  # has a run that was not descheduled
     for rep in range(TUNE_REPS + 1):  # the first round is a warm-up
         for name, run in runs.items():
-            start, cpu, wall = clock(), time.thread_time(), time.perf_counter()
+            cpu, wall = time.thread_time(), time.perf_counter()
             run()
-            elapsed, cpu, wall = clock() - start, time.thread_time() - cpu, time.perf_counter() - wall
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            elapsed = cpu if one_thread else wall
             _tuning["spent"] += wall  # the budget bounds the caller's wait
             if elapsed > TUNE_MAX_RUN_S:
                 return None, cpu < TUNE_CLEAN_SHARE * wall  # on a team, wall time: maybe only descheduled

@@ -70,11 +70,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     # The backend holds scipy's OpenBLAS to one thread while a launch runs (numba_cpu._launch);
-    # _runner calls the kernels directly, so hold it here, for the whole profile: otherwise each
+    # _runner calls the kernels directly, so the same pin is held here, for the whole profile: otherwise each
     # OpenBLAS tile call runs on OpenBLAS's own threads too, whose work this thread's CPU time
     # leaves out (an OpenBLAS forward then read 0.47x torch's one-thread GEMM on a 2-core AMD EPYC
     # Zen 4; its real time was 1.05x).
-    blas.scipy_blas_threads(1)
+    blas.pin_one_thread()
     for batch in (int(b) for b in args.batches.split(",")):
         for k, n, mask in ((784, 512, (False, True, True)), (512, 512, (True, True, True))):
             g = torch.Generator().manual_seed(0)
